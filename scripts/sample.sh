@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job on the embedded Flickr8k sample: set up, then prepare, train and evaluate.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+"$root/scripts/bootstrap.sh"
+data="${MMCA_SAMPLE:-$root/../shared/data/flickr8k}"
+exec "$root/.venv/bin/mmca" sample "$data" "$@"

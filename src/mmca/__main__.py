@@ -1,0 +1,5 @@
+import sys
+
+from mmca.cli import main
+
+sys.exit(main())

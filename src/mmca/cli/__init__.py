@@ -1,0 +1,54 @@
+"""The `mmca` command: one entry point, one subcommand per job.
+
+Each subcommand lives in its own module under `mmca.cli` and exposes
+`NAME`, `HELP`, `DESCRIPTION`, `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mmca.errors import MmcaError
+
+# Order is the order shown in `mmca --help`: the data flow, then the jobs.
+COMMANDS = ["prepare", "train", "evaluate", "sample", "bench"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmca",
+        description="Multi-Modality Cross Attention for image-sentence matching: "
+        "prepare features, train, evaluate with the standard protocol, search.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        module = importlib.import_module(f"mmca.cli.{name}")
+        p = sub.add_parser(
+            module.NAME,
+            help=module.HELP,
+            description=module.DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except MmcaError as err:
+        print(f"mmca {args.command}: error: {err.message}", file=sys.stderr)
+        if err.hint:
+            print(f"  what to do: {err.hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mmca {args.command}: interrupted; nothing partial was kept.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The in-memory dataset every job reads: per image its region features, per caption its
+token states and its image. Both on-disk layouts (SPEC §3) end up here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class SplitSource:
+    """One split as read from disk, before any feature is computed.
+
+    `image_paths` is set for the images-folder layout (features still to extract);
+    `image_features` is set for the precomp layout (features shipped with the data).
+    """
+
+    root: Path
+    split: str
+    image_ids: list[str]
+    captions: list[str]
+    caption_image: np.ndarray  # (M,) int64: index into image_ids for each caption
+    captions_per_image: int
+    image_paths: list[Path] | None = None
+    image_features: np.ndarray | None = None  # (N, k, D_img), usually a read-only memmap
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.captions)
+
+
+@dataclass
+class TokenFeatures:
+    """Ragged per-caption token states of the frozen text encoder.
+
+    Caption j owns rows `offsets[j]:offsets[j+1]` of `states` (its [CLS] ... [SEP] tokens,
+    no padding stored). Padding appears only when a batch is assembled, with a mask.
+    """
+
+    states: np.ndarray  # (T, D_txt), float16, usually a read-only memmap
+    offsets: np.ndarray  # (M + 1,) int64
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def dim(self) -> int:
+        return int(self.states.shape[1])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def batch(self, index, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded token states (B, n, D_txt) and a mask (B, n), True on real tokens."""
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        lengths = self.lengths[index]
+        n = int(lengths.max()) if len(index) else 0
+        out = np.zeros((len(index), n, self.dim), dtype=np.float32)
+        for row, j in enumerate(index):
+            a, b = self.offsets[j], self.offsets[j + 1]
+            out[row, : b - a] = self.states[a:b]
+        mask = np.arange(n)[None, :] < lengths[:, None]
+        return torch.from_numpy(out).to(dtype), torch.from_numpy(mask)
+
+
+@dataclass
+class RetrievalDataset:
+    """A prepared split: what training, evaluation and search consume."""
+
+    name: str
+    split: str
+    image_ids: list[str]
+    captions: list[str]
+    caption_image: np.ndarray  # (M,) int64
+    captions_per_image: int
+    image_features: np.ndarray  # (N, k, D_img)
+    token_features: TokenFeatures
+    image_paths: list[Path] | None = None
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.captions)
+
+    def image_batch(self, index, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Region features (B, k, D_img) of the given images."""
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        return torch.from_numpy(np.asarray(self.image_features[index], dtype=np.float32)).to(dtype)
+
+    def summary(self) -> dict[str, object]:
+        lengths = self.token_features.lengths
+        return {
+            "dataset": self.name,
+            "split": self.split,
+            "images": self.num_images,
+            "captions": self.num_captions,
+            "captions/image": self.captions_per_image,
+            "regions x D_img": f"{self.image_features.shape[1]} x {self.image_features.shape[2]}",
+            "tokens (mean/max) x D_txt": f"{lengths.mean():.1f}/{lengths.max()} x {self.token_features.dim}",
+        }
