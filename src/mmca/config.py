@@ -43,3 +43,61 @@ class ModelConfig:
         if "windows" in kw:
             kw["windows"] = tuple(kw["windows"])
         return cls(**kw)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run, recorded in every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 2e-4
+    lr_decay_epochs: tuple[int, ...] = (10,)  # multiply the learning rate by lr_decay at these
+    lr_decay: float = 0.1
+    cross_lr_scale: float = 1.0  # learning-rate multiplier of the cross-attention module
+    grad_clip: float | None = 2.0  # max gradient norm (peers clip at 2.0); None = off
+    margin: float = 0.2
+    warmup_epochs: int = 0  # epochs with the sum over all negatives before hardest negatives
+    mining_precision: str = "fp32"  # no-grad hardest-negative search: "fp32" or "bf16"
+    seed: int = 0
+    val_max_rank: int | None = 10  # ranks exact below this in per-epoch validation (R@1/5/10 exact)
+    save_every_steps: int = 100  # mid-epoch checkpoints, so an interrupted epoch resumes mid-way
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["model"] = self.model.to_dict()
+        out["lr_decay_epochs"] = list(self.lr_decay_epochs)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in raw.items() if k in known}
+        kw["model"] = ModelConfig.from_dict(kw.get("model", {}))
+        kw["lr_decay_epochs"] = tuple(kw.get("lr_decay_epochs", ()))
+        return cls(**kw)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with some fields changed; model fields may be given as `model_<name>`."""
+        model_changes = {k[6:]: changes.pop(k) for k in list(changes) if k.startswith("model_")}
+        if model_changes:
+            changes["model"] = replace(self.model, **model_changes)
+        return replace(self, **changes)
+
+
+# Named presets (the feature dimensions img_dim/txt_dim always come from the data). `paper` is the paper's recipe for GPUs and bottom-up features; the CPU presets
+# are for the Flickr8k sample on a laptop (see docs/results.md for why each change was made).
+PRESETS: dict[str, TrainConfig] = {
+    "paper": TrainConfig(epochs=20, lr=2e-4, lr_decay_epochs=(10,), grad_clip=None),
+    "cpu": TrainConfig(epochs=12, lr=2e-4, lr_decay_epochs=(8,), warmup_epochs=1,
+                       mining_precision="bf16"),
+    "sample": TrainConfig(epochs=4, lr=2e-4, lr_decay_epochs=(3,), warmup_epochs=1,
+                          mining_precision="bf16"),
+}
+
+
+def preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
