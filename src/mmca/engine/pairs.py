@@ -1,0 +1,126 @@
+"""Batched pair scoring on precomputed banks: only the pair-dependent work of the cross unit.
+
+For P pairs (image a_p, caption b_p) of one caption length bucket L:
+
+  region rows:  logits = [Q_r K_rᵀ | Q_r K_eᵀ]; the first block's softmax statistics come from
+                the image bank, the second is computed here, the two are merged with the
+                log-sum-exp rule (max, rescaled sums, rescaled exp-weighted V);
+  token rows:   logits = [Q_e K_rᵀ | Q_e K_eᵀ]; likewise with the caption bank's statistics;
+
+then the output projection, residual + LayerNorm, FFN, residual + LayerNorm on the k region
+rows and the L token rows (never concatenated), the mean of the region rows -> i1, and the
+cross text CNN head on the token rows, its three convolutions done as one matrix product with
+every tap of every window followed by shifted adds -> c1. S = i0·c0 + α·i1·c1.
+
+Every call works on the same shapes for a given pair (its caption's bucket length; the row
+count is padded to a fixed multiple), so a pair gets the same float score in whichever block it
+is computed: the pruned and the exhaustive modes agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmca.engine.bank import ImageBank, TextBucket
+
+
+class CrossWeights:
+    """The cross unit's and cross text head's weights laid out for the pair kernel, in one
+    dtype (float32, or bfloat16 for the fast approximate mode)."""
+
+    def __init__(self, model, dtype: torch.dtype = torch.float32):
+        unit, head = model.cross_unit, model.cross_text_head
+        cast = lambda t: t.detach().to(dtype).contiguous()  # noqa: E731
+        self.dtype = dtype
+        self.alpha = float(model.alpha)
+        self.heads, self.d = unit.heads, unit.d
+        self.out_w, self.out_b = cast(unit.out.weight.t()), cast(unit.out.bias)
+        self.ffn1_w, self.ffn1_b = cast(unit.ffn1.weight.t()), cast(unit.ffn1.bias)
+        self.ffn2_w, self.ffn2_b = cast(unit.ffn2.weight.t()), cast(unit.ffn2.bias)
+        self.norm1 = (cast(unit.norm1.weight), cast(unit.norm1.bias), unit.norm1.eps)
+        self.norm2 = (cast(unit.norm2.weight), cast(unit.norm2.bias), unit.norm2.eps)
+        # conv taps: window w has taps s = 0..w-1; tap weight (d_in, filters); all taps side by side
+        self.windows = tuple(head.windows)
+        self.filters = head.convs[0].out_channels
+        taps = [conv.weight[:, :, s].t() for conv in head.convs for s in range(conv.kernel_size[0])]
+        self.taps_w = cast(torch.cat(taps, dim=1))  # (d, filters * sum(windows))
+        self.conv_b = [cast(conv.bias) for conv in head.convs]
+        self.fc_w, self.fc_b = cast(head.fc.weight.t()), cast(head.fc.bias)
+        ln = head.layer_norm
+        self.head_norm = None if ln is None else (cast(ln.weight), cast(ln.bias), ln.eps)
+
+
+def _merge(q, k, v, bias, m0, l0, o0):
+    """Attention of queries q (P, h, Lq, dh) over [own keys | other keys k, v (P, h, Lk, dh)]:
+    the own block is given by its statistics m0, l0 (P, h, Lq) and o0 (P, h, Lq, dh);
+    `bias` (P, 1, 1, Lk) or None masks the other keys. -> normalised output (P, h, Lq, dh)."""
+    logits = q @ k.transpose(-1, -2)  # (P, h, Lq, Lk)
+    if bias is not None:
+        logits = logits + bias
+    m1 = logits.amax(dim=-1).float()
+    m = torch.maximum(m0, m1)
+    p = torch.exp(logits - m.unsqueeze(-1).to(logits.dtype))
+    w0 = torch.exp(m0 - m)  # rescale of the own block
+    den = l0 * w0 + p.sum(dim=-1, dtype=torch.float32)
+    num = torch.baddbmm(
+        (o0 * w0.unsqueeze(-1).to(o0.dtype)).flatten(0, 1), p.flatten(0, 1), v.flatten(0, 1)
+    ).view_as(o0)
+    return num / den.unsqueeze(-1).to(num.dtype)
+
+
+def _ffn_block(w: CrossWeights, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """Output projection, residual + LN, FFN, residual + LN on rows (P, L, d)."""
+    d = w.d
+    x = F.layer_norm(torch.addmm(w.out_b, attended.reshape(-1, d), w.out_w).view_as(x) + x,
+                     (d,), *w.norm1)
+    h = torch.relu(torch.addmm(w.ffn1_b, x.reshape(-1, d), w.ffn1_w))
+    return F.layer_norm(torch.addmm(w.ffn2_b, h, w.ffn2_w).view_as(x) + x, (d,), *w.norm2)
+
+
+def _text_head(w: CrossWeights, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross CNN head on token rows y (P, L, d) (padded rows already zero) -> c1 (P, d)."""
+    p_, length, d = y.shape
+    f = w.filters
+    z = (y.reshape(-1, d) @ w.taps_w).view(p_, length, -1)  # (P, L, f * taps)
+    zpad = F.pad(z, (0, 0, 0, max(w.windows) - 1))  # zeros past the end
+    not_real = ~mask.unsqueeze(-1)
+    pooled, col = [], 0
+    for width, bias in zip(w.windows, w.conv_b):
+        acc = zpad[:, 0:length, col:col + f] + bias
+        for s in range(1, width):
+            acc = acc + zpad[:, s:s + length, col + s * f:col + (s + 1) * f]
+        col += width * f
+        pooled.append(torch.relu(acc).masked_fill(not_real, float("-inf")).amax(dim=1))
+    c = torch.addmm(w.fc_b, torch.cat(pooled, dim=-1), w.fc_w).float()
+    if w.head_norm is not None:
+        g, b, eps = w.head_norm
+        c = F.layer_norm(c, (c.shape[-1],), g.float(), b.float(), eps)
+    return F.normalize(c, dim=-1)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    p_, h, length, dh = x.shape
+    return x.transpose(1, 2).reshape(p_, length, h * dh)
+
+
+@torch.no_grad()
+def score_block(w: CrossWeights, images: ImageBank, bucket: TextBucket, c0: torch.Tensor,
+                a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """S of P pairs: image rows `a` of `images`, rows `b` of `bucket` (both (P,) int64 on the
+    bank device); `c0` is the caption bank's (M, d) -> (P,) float32."""
+    qr, kr, vr = images.q[a], images.k[a], images.v[a]
+    qe, ke, ve = bucket.q[b], bucket.k[b], bucket.v[b]
+    mask = bucket.mask[b]
+    # region rows attend to [own regions | the caption's tokens]
+    att_r = _merge(qr, ke, ve, bucket.key_bias[b], images.m[a], images.l[a], images.o[a])
+    # token rows attend to [own tokens | the image's regions]
+    att_e = _merge(qe, kr, vr, None, bucket.m[b], bucket.l[b], bucket.o[b])
+    y_r = _ffn_block(w, images.r[a], merge_heads(att_r))
+    y_e = _ffn_block(w, bucket.e[b], merge_heads(att_e))
+    i1 = F.normalize(y_r.float().mean(dim=1), dim=-1)
+    y_e = y_e.masked_fill(~mask.unsqueeze(-1), 0)
+    c1 = _text_head(w, y_e, mask)
+    cap = bucket.captions[b]
+    g = (images.i0[a] * c0[cap]).sum(dim=-1)
+    return g + w.alpha * (i1 * c1).sum(dim=-1)

@@ -1,0 +1,217 @@
+"""The scoring engine: banks per item, pair scores in fixed-shape blocks, streamed."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from mmca.engine.bank import (ImageBank, TextBank, bucket_length, build_image_bank,
+                              build_text_bucket, concat_image_banks)
+from mmca.engine.pairs import CrossWeights, score_block
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _as_index(x, device) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x, dtype=np.int64) if not torch.is_tensor(x) else x,
+                           dtype=torch.int64).reshape(-1).to(device)
+
+
+class ScoringEngine:
+    """Scores image-caption pairs of a fixed MMCA model.
+
+    `precision="fp32"` is exact (up to float rounding of a different but fixed summation
+    order); `"bf16"` runs the pair kernel in bfloat16 (faster on CPUs with bf16 units and on
+    GPUs, approximate: its effect is measured by `mmca bench`). The global part i0·c0 is
+    always float32. `block_pairs` bounds the pairs scored at once (memory ~ block_pairs x
+    (k + L) x d floats); `granule` pads every block to a multiple of that many pairs so a pair
+    is always computed with the same shapes; `length_granule` sets the caption length buckets.
+    """
+
+    def __init__(self, model, device=None, precision: str = "fp32", block_pairs: int = 64,
+                 granule: int = 16, length_granule: int = 4):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device).eval()
+        self.precision = precision
+        self.dtype = PRECISIONS[precision]
+        self.granule = max(1, int(granule))
+        self.block_pairs = max(self.granule, int(block_pairs) // self.granule * self.granule)
+        self.length_granule = max(1, int(length_granule))
+        self.weights = CrossWeights(self.model, self.dtype)
+        self.alpha = float(model.alpha)
+        # |S - i0·c0| <= alpha * |i1·c1| <= alpha (1 + tol), plus rounding of i0·c0 itself
+        tol = 1e-5 if self.dtype == torch.float32 else 3e-2
+        self.slack = self.alpha * (1 + tol) + 1e-5
+        self.pair_passes = 0
+
+    # ---- banks -------------------------------------------------------------------------
+    @torch.no_grad()
+    def image_bank(self, regions_or_dataset, batch_size: int = 256) -> ImageBank:
+        """Regions (N, k, D_img) as a tensor/array, or a dataset with `image_batch`."""
+        src = regions_or_dataset
+        if hasattr(src, "image_batch"):
+            n = src.num_images
+            fetch = lambda idx: src.image_batch(idx)  # noqa: E731
+        else:
+            n = len(src)
+            fetch = lambda idx: torch.as_tensor(np.asarray(src[idx[0]:idx[-1] + 1]) if not torch.is_tensor(src)  # noqa: E731
+                                                else src[idx[0]:idx[-1] + 1]).float()
+        parts = []
+        for s in range(0, n, batch_size):
+            idx = np.arange(s, min(n, s + batch_size))
+            parts.append(build_image_bank(self.model, fetch(idx).to(self.device), self.dtype))
+        return concat_image_banks(parts)
+
+    @torch.no_grad()
+    def text_bank(self, token_features, index=None, batch_size: int = 512) -> TextBank:
+        """A `TokenFeatures` (ragged), a dataset with `token_features`, or (tokens (M, n, D),
+        mask (M, n)). `index` selects captions (default all)."""
+        src = getattr(token_features, "token_features", token_features)
+        if isinstance(src, tuple):
+            tokens, mask = src
+            tokens, mask = torch.as_tensor(tokens), torch.as_tensor(mask, dtype=torch.bool)
+            all_lengths = mask.sum(1).cpu().numpy()
+
+            def fetch(idx):
+                t = tokens[torch.as_tensor(idx)]
+                m = mask[torch.as_tensor(idx)]
+                n = int(m.sum(1).max())
+                return t[:, :n].float(), m[:, :n]
+        else:
+            all_lengths = src.lengths
+            fetch = lambda idx: src.batch(idx)  # noqa: E731
+        index = np.arange(len(all_lengths)) if index is None else np.asarray(index, dtype=np.int64)
+        lengths = np.asarray(all_lengths)[index]
+        if len(index) and lengths.min() < 1:
+            raise ValueError("every caption needs at least one token")
+        padded = np.array([bucket_length(int(n), self.length_granule) for n in lengths], dtype=np.int64)
+        m = len(index)
+        c0 = torch.zeros(m, self.model.config.d, device=self.device)
+        bucket_of = np.zeros(m, dtype=np.int64)
+        row_of = np.zeros(m, dtype=np.int64)
+        buckets = []
+        for length in np.unique(padded):
+            members = np.nonzero(padded == length)[0]  # positions in the bank, ascending
+            parts, c0s = [], []
+            for s in range(0, len(members), batch_size):
+                pos = members[s:s + batch_size]
+                tok, msk = fetch(index[pos])
+                bucket, c = build_text_bucket(
+                    self.model, tok.to(self.device), msk.to(self.device),
+                    torch.as_tensor(pos, device=self.device), int(length), self.dtype)
+                parts.append(bucket)
+                c0s.append(c)
+            if len(parts) > 1:
+                from mmca.engine.bank import TextBucket
+                fields = ("captions", "e", "mask", "q", "k", "v", "m", "l", "o", "key_bias")
+                bucket = TextBucket(int(length), *(torch.cat([getattr(p, f) for p in parts]) for f in fields))
+            else:
+                bucket = parts[0]
+            c0[torch.as_tensor(members, device=self.device)] = torch.cat(c0s)
+            bucket_of[members] = len(buckets)
+            row_of[members] = np.arange(len(members))
+            buckets.append(bucket)
+        return TextBank(c0, lengths, buckets, bucket_of, row_of, extra={"index": index})
+
+    # ---- scores ------------------------------------------------------------------------
+    @torch.no_grad()
+    def global_scores(self, images: ImageBank, texts: TextBank) -> torch.Tensor:
+        """(N, M) i0·c0; for big galleries prefer per-block slices (`images.i0[a:b] @ texts.c0.T`)."""
+        return images.i0 @ texts.c0.T
+
+    def _score_bucket(self, images, texts, bucket_id, a, rows) -> torch.Tensor:
+        """Score pairs (image a, bucket row) of one bucket in fixed-shape blocks -> (P,)."""
+        bucket = texts.buckets[bucket_id]
+        out = torch.empty(len(a), dtype=torch.float32, device=self.device)
+        bp, gr = self.block_pairs, self.granule
+        for s in range(0, len(a), bp):
+            aa, rr = a[s:s + bp], rows[s:s + bp]
+            p = len(aa)
+            pad = (-p) % gr
+            if pad:  # repeat the last pair so every call has a multiple of `granule` rows
+                aa = torch.cat([aa, aa[-1:].expand(pad)])
+                rr = torch.cat([rr, rr[-1:].expand(pad)])
+            out[s:s + p] = score_block(self.weights, images, bucket, texts.c0, aa, rr)[:p]
+        self.pair_passes += len(a)
+        return out
+
+    @torch.no_grad()
+    def pair_scores(self, images: ImageBank, texts: TextBank, image_index, text_index) -> torch.Tensor:
+        """Full S of the listed pairs -> (P,) float32 on the engine device."""
+        a = _as_index(image_index, self.device)
+        j = _as_index(text_index, self.device)
+        if a.shape != j.shape:
+            raise ValueError("image_index and text_index must have the same length")
+        out = torch.empty(len(a), dtype=torch.float32, device=self.device)
+        if not len(a):
+            return out
+        jn = j.cpu().numpy()
+        bucket_of = texts.bucket_of[jn]
+        row_of = torch.as_tensor(texts.row_of[jn], device=self.device)
+        order = np.argsort(bucket_of, kind="stable")
+        bounds = np.searchsorted(bucket_of[order], np.arange(len(texts.buckets) + 1))
+        order_t = torch.as_tensor(order, device=self.device)
+        for bid in range(len(texts.buckets)):
+            lo, hi = bounds[bid], bounds[bid + 1]
+            if lo == hi:
+                continue
+            sel = order_t[lo:hi]
+            out[sel] = self._score_bucket(images, texts, bid, a[sel], row_of[sel])
+        return out
+
+    def iter_full_scores(self, images: ImageBank, texts: TextBank,
+                         image_block: int = 64) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Exhaustive S streamed by image block: yields (first, last, S[first:last] (nb, M))."""
+        n, m = len(images), len(texts)
+        for s in range(0, n, image_block):
+            e = min(n, s + image_block)
+            block = torch.empty(e - s, m, dtype=torch.float32, device=self.device)
+            for bid, bucket in enumerate(texts.buckets):
+                rows = torch.arange(len(bucket.captions), device=self.device)
+                a = torch.arange(s, e, device=self.device).repeat_interleave(len(rows))
+                r = rows.repeat(e - s)
+                sc = self._score_bucket(images, texts, bid, a, r).view(e - s, len(rows))
+                block[:, bucket.captions] = sc
+            yield s, e, block
+
+    @torch.no_grad()
+    def full_scores(self, images: ImageBank, texts: TextBank, image_block: int = 64) -> torch.Tensor:
+        """Exhaustive (N, M) S, computed block by block."""
+        out = torch.empty(len(images), len(texts), dtype=torch.float32, device=self.device)
+        for s, e, block in self.iter_full_scores(images, texts, image_block):
+            out[s:e] = block
+        return out
+
+    # ---- retrieval ---------------------------------------------------------------------
+    def ranks(self, images: ImageBank, texts: TextBank, caption_image, mode: str = "exact",
+              max_rank: int | None = None, shortlist_k: int = 100, image_block: int = 256):
+        from mmca.engine.ranking import ranks
+        return ranks(self, images, texts, caption_image, mode=mode, max_rank=max_rank,
+                     shortlist_k=shortlist_k, image_block=image_block)
+
+    def topk_images(self, images: ImageBank, texts: TextBank, k: int, mode: str = "exact"):
+        """Per caption, the top-k images under full S -> (scores (M, k), indices (M, k));
+        ties broken by the lower index. mode "exact" (pruned) or "exhaustive"."""
+        from mmca.engine.ranking import topk
+        return topk(self, images, texts, k, query="text", mode=mode)
+
+    def topk_captions(self, images: ImageBank, texts: TextBank, k: int, mode: str = "exact"):
+        """Per image, the top-k captions under full S -> (scores (N, k), indices (N, k))."""
+        from mmca.engine.ranking import topk
+        return topk(self, images, texts, k, query="image", mode=mode)
+
+    def reset_counter(self) -> int:
+        n, self.pair_passes = self.pair_passes, 0
+        return n
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b) if b else 0
+
+
+__all__ = ["ScoringEngine", "PRECISIONS", "math"]
