@@ -110,6 +110,14 @@ def _self_stats(unit, x: torch.Tensor, key_mask: torch.Tensor | None):
 def build_image_bank(model, regions: torch.Tensor, dtype: torch.dtype = torch.float32) -> ImageBank:
     """Regions (N, k, D_img) already on the model's device -> ImageBank (one chunk)."""
     r, i0 = model.encode_image(regions)
+    return image_bank_from_encoded(model, r, i0, dtype)
+
+
+@torch.no_grad()
+def image_bank_from_encoded(model, r: torch.Tensor, i0: torch.Tensor,
+                            dtype: torch.dtype = torch.float32) -> ImageBank:
+    """ImageBank from already projected regions R (N, k, d) and i0 (N, d)."""
+    r, i0 = r.detach(), i0.detach()
     q, k, v, m, l, o = _self_stats(model.cross_unit, r, None)
     cast = lambda t: t.to(dtype).contiguous()  # noqa: E731
     return ImageBank(cast(r), i0.float().contiguous(), cast(q), cast(k), cast(v),
@@ -134,6 +142,16 @@ def build_text_bucket(model, tokens: torch.Tensor, mask: torch.Tensor, captions:
     tokens = tokens[:, :length]
     mask = mask[:, :length]
     e, c0 = model.encode_text(tokens, mask)
+    return text_bucket_from_encoded(model, e, c0, mask, captions, dtype)
+
+
+@torch.no_grad()
+def text_bucket_from_encoded(model, e: torch.Tensor, c0: torch.Tensor, mask: torch.Tensor,
+                             captions: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """(TextBucket, c0) from already projected tokens E' (B, L, d) with mask (B, L); the
+    bucket length is L."""
+    e, c0 = e.detach(), c0.detach()
+    b, length = mask.shape
     e = e * mask.unsqueeze(-1).to(e.dtype)  # padded rows carry no value
     q, k, v, m, l, o = _self_stats(model.cross_unit, e, mask)
     key_bias = torch.zeros(b, 1, 1, length, dtype=dtype, device=e.device).masked_fill(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
@@ -18,6 +19,18 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def _as_index(x, device) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x, dtype=np.int64) if not torch.is_tensor(x) else x,
                            dtype=torch.int64).reshape(-1).to(device)
+
+
+@contextmanager
+def inference_mode(model):
+    """Eval mode (no dropout) for the duration, then the model's own modes back."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class ScoringEngine:
@@ -36,7 +49,7 @@ class ScoringEngine:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device)
         self.precision = precision
         self.dtype = PRECISIONS[precision]
         self.granule = max(1, int(granule))
@@ -50,8 +63,19 @@ class ScoringEngine:
         self.pair_passes = 0
 
     # ---- banks -------------------------------------------------------------------------
-    @torch.no_grad()
     def image_bank(self, regions_or_dataset, batch_size: int = 256) -> ImageBank:
+        """Regions (N, k, D_img) as a tensor/array, or a dataset with `image_batch`."""
+        with inference_mode(self.model):
+            return self._image_bank(regions_or_dataset, batch_size)
+
+    def text_bank(self, token_features, index=None, batch_size: int = 512) -> TextBank:
+        """A `TokenFeatures` (ragged), a dataset with `token_features`, or (tokens (M, n, D),
+        mask (M, n)). `index` selects captions (default all)."""
+        with inference_mode(self.model):
+            return self._text_bank(token_features, index, batch_size)
+
+    @torch.no_grad()
+    def _image_bank(self, regions_or_dataset, batch_size: int = 256) -> ImageBank:
         """Regions (N, k, D_img) as a tensor/array, or a dataset with `image_batch`."""
         src = regions_or_dataset
         if hasattr(src, "image_batch"):
@@ -68,9 +92,7 @@ class ScoringEngine:
         return concat_image_banks(parts)
 
     @torch.no_grad()
-    def text_bank(self, token_features, index=None, batch_size: int = 512) -> TextBank:
-        """A `TokenFeatures` (ragged), a dataset with `token_features`, or (tokens (M, n, D),
-        mask (M, n)). `index` selects captions (default all)."""
+    def _text_bank(self, token_features, index=None, batch_size: int = 512) -> TextBank:
         src = getattr(token_features, "token_features", token_features)
         if isinstance(src, tuple):
             tokens, mask = src

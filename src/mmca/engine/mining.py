@@ -1,0 +1,151 @@
+"""Mine, then recompute: the max-violation loss of a batch with gradients through <= 3B pairs.
+
+The hinge loss of Eq. 15 has a non-zero gradient only through each row's and column's
+positive and hardest negative. A no-grad pass with the scoring engine finds them (pruned by the
+bound i0·c0 ± α: a negative that cannot beat the best lower bound of its row/column, or cannot
+violate the margin at all, is never scored); the differentiable recompute then runs the
+model's own batched forward (`model.cross`) on those pairs only, and the loss is computed by
+`mmca.loss` on a score matrix holding them (every other entry -inf: it can never be a hardest
+negative, so the loss value and every gradient equal those of the full B x B matrix).
+Negatives within `tie_tol` of a row's or column's best are all recomputed, so float ties and
+near-ties resolve exactly as in the full computation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from mmca.engine.bank import bucket_length, image_bank_from_encoded, text_bucket_from_encoded
+from mmca.engine.bank import TextBank
+from mmca.engine.scoring import ScoringEngine, inference_mode
+from mmca.loss import max_violation_loss, sum_violation_loss
+
+
+def _pair_scores_grad(model, r, i0, e, c0, mask, a, b):
+    """Differentiable S of pairs (a, b) via the model's batched cross unit."""
+    i1, c1 = model.cross(r[a], e[b], mask[b])
+    return (i0[a] * c0[b]).sum(-1) + model.alpha * (i1 * c1).sum(-1)
+
+
+def exhaustive_scores(model, regions, tokens, mask, chunk: int = 1024,
+                      use_checkpoint: bool = False) -> torch.Tensor:
+    """The (B, B) score matrix with autograd through every pair (the B² reference).
+    With `use_checkpoint`, each chunk's activations are recomputed in backward (memory bound
+    by one chunk; one extra forward)."""
+    r, i0 = model.encode_image(regions)
+    e, c0 = model.encode_text(tokens, mask)
+    bsz = len(regions)
+    a_all = torch.arange(bsz, device=regions.device).repeat_interleave(bsz)
+    b_all = torch.arange(bsz, device=regions.device).repeat(bsz)
+    parts = []
+    for s in range(0, bsz * bsz, chunk):
+        a, b = a_all[s:s + chunk], b_all[s:s + chunk]
+        if use_checkpoint:
+            parts.append(checkpoint(_pair_scores_grad, model, r, i0, e, c0, mask, a, b,
+                                    use_reentrant=False))
+        else:
+            parts.append(_pair_scores_grad(model, r, i0, e, c0, mask, a, b))
+    return torch.cat(parts).view(bsz, bsz)
+
+
+def exhaustive_loss(model, regions, tokens, mask, margin: float = 0.2, same_image=None,
+                    kind: str = "max", chunk: int = 1024, use_checkpoint: bool = False) -> torch.Tensor:
+    """Back-propagation through all B² pairs: the oracle of `mined_loss` and the baseline of
+    the benchmark."""
+    scores = exhaustive_scores(model, regions, tokens, mask, chunk, use_checkpoint)
+    fn = max_violation_loss if kind == "max" else sum_violation_loss
+    return fn(scores, margin, same_image)
+
+
+def _batch_banks(engine: ScoringEngine, r, i0, e, c0, mask):
+    """Image and text banks of one batch from its encoded (detached) items."""
+    model = engine.model
+    images = image_bank_from_encoded(model, r, i0, engine.dtype)
+    lengths = mask.sum(1).cpu().numpy()
+    padded = np.array([bucket_length(int(n), engine.length_granule) for n in lengths])
+    n = mask.shape[1]
+    bsz = len(lengths)
+    buckets, bucket_of, row_of = [], np.zeros(bsz, np.int64), np.zeros(bsz, np.int64)
+    for length in np.unique(padded):
+        members = np.nonzero(padded == length)[0]
+        idx = torch.as_tensor(members, device=e.device)
+        ee, mm = e[idx], mask[idx]
+        if length > n:
+            ee = torch.nn.functional.pad(ee, (0, 0, 0, int(length) - n))
+            mm = torch.nn.functional.pad(mm, (0, int(length) - n), value=False)
+        bucket, _ = text_bucket_from_encoded(model, ee[:, :length], c0[idx], mm[:, :length], idx,
+                                             engine.dtype)
+        bucket_of[members] = len(buckets)
+        row_of[members] = np.arange(len(members))
+        buckets.append(bucket)
+    texts = TextBank(c0.detach().float(), lengths, buckets, bucket_of, row_of)
+    return images, texts
+
+
+@torch.no_grad()
+def mine_hardest(engine: ScoringEngine, images, texts, margin: float, same_image=None,
+                 tie_tol: float | None = None):
+    """No-grad pass: -> (pairs (a, b) to recompute incl. the positives, pair passes used)."""
+    bsz = len(images)
+    dev = engine.device
+    start = engine.pair_passes
+    eye = torch.eye(bsz, dtype=torch.bool, device=dev)
+    neg = ~eye if same_image is None else ~(eye | same_image.to(dev))
+    ar = torch.arange(bsz, device=dev)
+    pos = engine.pair_scores(images, texts, ar, ar)
+    g = images.i0 @ texts.c0.T
+    lo, hi = g - engine.slack, g + engine.slack
+    ninf = torch.tensor(float("-inf"), device=dev)
+    best_lo_row = torch.where(neg, lo, ninf).amax(1, keepdim=True)
+    best_lo_col = torch.where(neg, lo, ninf).amax(0, keepdim=True)
+    need_row = (hi >= best_lo_row) & (hi + margin >= pos[:, None])  # may be row i's hardest and violate
+    need_col = (hi >= best_lo_col) & (hi + margin >= pos[None, :])
+    ii, jj = (neg & (need_row | need_col)).nonzero(as_tuple=True)
+    s = torch.full((bsz, bsz), float("-inf"), device=dev)
+    if len(ii):
+        s[ii, jj] = engine.pair_scores(images, texts, ii, jj)
+    s = torch.where(neg, s, ninf)
+    if tie_tol is None:
+        tie_tol = 1e-5 if engine.dtype == torch.float32 else 5e-2
+    row_best = s.amax(1, keepdim=True)
+    col_best = s.amax(0, keepdim=True)
+    pick = neg & (
+        ((s >= row_best - tie_tol) & (row_best + margin + tie_tol >= pos[:, None]))
+        | ((s >= col_best - tie_tol) & (col_best + margin + tie_tol >= pos[None, :])))
+    pick |= eye
+    a, b = pick.nonzero(as_tuple=True)
+    return a, b, engine.pair_passes - start
+
+
+def mined_loss(model, regions, tokens, mask, margin: float = 0.2, same_image=None,
+               kind: str = "max", precision: str = "fp32", block_pairs: int = 64,
+               stats: dict | None = None) -> torch.Tensor:
+    """The batch loss with the gradient of back-propagating through all B² pairs.
+
+    kind "max" (Eq. 15): mine with the engine (no grad), recompute <= 3B pairs with grad.
+    kind "sum": every negative has a gradient; all B² pairs are scored with grad, chunked and
+    checkpointed so memory stays bounded. `precision="bf16"` runs only the mining pass in
+    bfloat16 (the recompute stays float32; near-ties within the bf16 tolerance are all
+    recomputed). `stats`, if given, receives pair-pass counts."""
+    if kind == "sum":
+        scores = exhaustive_scores(model, regions, tokens, mask, chunk=256, use_checkpoint=True)
+        if stats is not None:
+            stats.update(mined_pairs=0, recomputed_pairs=scores.numel())
+        return sum_violation_loss(scores, margin, same_image)
+    if kind != "max":
+        raise ValueError(f"kind must be 'max' or 'sum', not {kind!r}")
+    r, i0 = model.encode_image(regions)
+    e, c0 = model.encode_text(tokens, mask)
+    engine = ScoringEngine(model, device=regions.device, precision=precision, block_pairs=block_pairs)
+    with inference_mode(model):
+        images, texts = _batch_banks(engine, r, i0, e, c0, mask)
+        a, b, passes = mine_hardest(engine, images, texts, margin, same_image)
+    bsz = len(regions)
+    scores = _pair_scores_grad(model, r, i0, e, c0, mask, a, b)
+    full = torch.full((bsz, bsz), float("-inf"), device=scores.device, dtype=scores.dtype)
+    full = full.index_put((a, b), scores)
+    if stats is not None:
+        stats.update(mined_pairs=passes, recomputed_pairs=len(a))
+    return max_violation_loss(full, margin, same_image)

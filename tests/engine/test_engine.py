@@ -1,0 +1,233 @@
+"""The scoring engine against the plain reference path and the model's batched forward."""
+
+import numpy as np
+import pytest
+import torch
+
+from mmca.config import ModelConfig
+from mmca.engine import ScoringEngine, exhaustive_loss, mined_loss
+from mmca.model import MMCA, reference_score
+
+SMALL = ModelConfig(img_dim=24, txt_dim=20, d=32, heads=4, cnn_filters=16, dropout=0.0)
+
+
+def make_gallery(config, n_images=12, per_image=5, k=7, n_max=11, seed=0, ties=True):
+    g = torch.Generator().manual_seed(seed)
+    regions = torch.randn(n_images, k, config.img_dim, generator=g)
+    m = n_images * per_image
+    lengths = torch.randint(1, n_max + 1, (m,), generator=g)
+    lengths[0] = n_max
+    tokens = torch.randn(m, n_max, config.txt_dim, generator=g)
+    mask = torch.arange(n_max)[None] < lengths[:, None]
+    tokens = tokens.masked_fill(~mask[..., None], 77.0)  # padding must never leak
+    if ties:  # exact duplicates: tied scores the rank convention must break against the truth
+        regions[1] = regions[0]
+        tokens[7], mask[7] = tokens[2], mask[2]
+        tokens[11], mask[11] = tokens[1], mask[1]
+    caption_image = np.repeat(np.arange(n_images), per_image)
+    return regions, tokens, mask, caption_image
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    model = MMCA(SMALL).eval()
+    regions, tokens, mask, ci = make_gallery(SMALL)
+    engine = ScoringEngine(model, block_pairs=16, granule=8)
+    images, texts = engine.image_bank(regions), engine.text_bank((tokens, mask))
+    return model, engine, images, texts, regions, tokens, mask, ci
+
+
+def test_pair_scores_match_reference(small):
+    model, engine, images, texts, regions, tokens, mask, _ = small
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(0, len(regions), (40,), generator=g)
+    b = torch.randint(0, len(tokens), (40,), generator=g)
+    got = engine.pair_scores(images, texts, a, b)
+    for p in range(len(a)):
+        n = int(mask[b[p]].sum())
+        assert got[p].item() == pytest.approx(reference_score(model, regions[a[p]], tokens[b[p], :n]), abs=1e-5)
+
+
+def test_full_scores_match_batched_forward_and_are_block_independent(small):
+    model, engine, images, texts, regions, tokens, mask, _ = small
+    full = engine.full_scores(images, texts)
+    n, m = full.shape
+    with torch.no_grad():
+        expected = model(regions.repeat_interleave(m, 0), tokens.repeat(n, 1, 1), mask.repeat(n, 1)).view(n, m)
+    assert torch.allclose(full, expected, atol=1e-5)
+    # a pair scores the same floats whatever block it falls in (block sizes, order, subsets)
+    other = ScoringEngine(model, block_pairs=48, granule=8)
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(0, n, (200,), generator=g), torch.randint(0, m, (200,), generator=g)
+    assert torch.equal(other.pair_scores(images, texts, a, b), full[a, b])
+    assert torch.equal(other.full_scores(images, texts, image_block=5), full)
+
+
+def test_global_scores_bound_full_scores(small):
+    _, engine, images, texts, *_ = small
+    gap = engine.full_scores(images, texts) - engine.global_scores(images, texts)
+    assert gap.abs().max() <= engine.slack
+
+
+@pytest.mark.parametrize("max_rank", [None, 1, 5])
+def test_exact_pruned_ranks_equal_exhaustive(small, max_rank):
+    _, engine, images, texts, *_, ci = small
+    ex = engine.ranks(images, texts, ci, mode="exhaustive", max_rank=max_rank)
+    pr = engine.ranks(images, texts, ci, mode="exact", max_rank=max_rank, image_block=5)
+    assert np.array_equal(ex.i2t, pr.i2t) and np.array_equal(ex.t2i, pr.t2i)
+    assert pr.pair_passes <= ex.pair_passes
+    assert ex.exact_below == max_rank
+
+
+def test_ranks_follow_the_convention_on_ties(small):
+    """Duplicated image 1 = image 0: its score ties with the true image's, and counts against."""
+    _, engine, images, texts, *_, ci = small
+    full = engine.full_scores(images, texts).numpy()
+    res = engine.ranks(images, texts, ci, mode="exact")
+    for j in range(full.shape[1]):
+        g = ci[j]
+        assert res.t2i[j] == sum(full[i, j] >= full[g, j] for i in range(full.shape[0]) if i != g)
+    for i in range(full.shape[0]):
+        true = np.nonzero(ci == i)[0]
+        others = np.nonzero(ci != i)[0]
+        assert res.i2t[i] == min(int((full[i, others] >= full[i, c]).sum()) for c in true)
+    assert res.t2i[0] >= 1 and res.t2i[5] >= 1  # captions of image 0 lose the tie with image 1
+
+
+def test_exact_ranks_prune_when_the_bound_decides():
+    """With a large gap between i0·c0 values the bound decides most pairs."""
+    torch.manual_seed(0)
+    config = ModelConfig(img_dim=24, txt_dim=20, d=32, heads=4, cnn_filters=16, dropout=0.0, alpha=0.02)
+    model = MMCA(config).eval()
+    regions, tokens, mask, ci = make_gallery(config, ties=False)
+    engine = ScoringEngine(model, block_pairs=16, granule=8)
+    images, texts = engine.image_bank(regions), engine.text_bank((tokens, mask))
+    ex = engine.ranks(images, texts, ci, mode="exhaustive")
+    pr = engine.ranks(images, texts, ci, mode="exact")
+    assert np.array_equal(ex.i2t, pr.i2t) and np.array_equal(ex.t2i, pr.t2i)
+    assert pr.pair_passes < 0.6 * ex.pair_passes
+
+
+@pytest.mark.parametrize("k", [1, 3, 12])
+def test_topk_equals_exhaustive(small, k):
+    _, engine, images, texts, *_ = small
+    for fn in (engine.topk_images, engine.topk_captions):
+        s_ex, i_ex = fn(images, texts, k, mode="exhaustive")
+        s_pr, i_pr = fn(images, texts, k)
+        assert torch.equal(s_ex, s_pr) and torch.equal(i_ex, i_pr)
+    full = engine.full_scores(images, texts)
+    s, i = engine.topk_images(images, texts, k)
+    assert torch.equal(s, full.T.gather(1, i))
+
+
+def test_shortlist_is_exact_with_the_whole_gallery_and_reports_its_gap(small):
+    _, engine, images, texts, *_, ci = small
+    ex = engine.ranks(images, texts, ci, mode="exhaustive")
+    full = engine.ranks(images, texts, ci, mode="shortlist", shortlist_k=len(texts))
+    assert np.array_equal(full.i2t, ex.i2t) and np.array_equal(full.t2i, ex.t2i)
+    short = engine.ranks(images, texts, ci, mode="shortlist", shortlist_k=2)
+    assert short.exact_below is None
+    assert short.pair_passes == 2 * len(texts) + 2 * len(images)
+    gap = {k: short.recalls()[k] - ex.recalls()[k] for k in ex.recalls()}
+    assert all(np.isfinite(v) for v in gap.values())
+
+
+def test_text_bank_from_token_features_and_dataset_rows(small):
+    from mmca.data.dataset import TokenFeatures
+    model, engine, images, texts, regions, tokens, mask, _ = small
+    lengths = mask.sum(1).numpy()
+    states = np.concatenate([tokens[j, :lengths[j]].numpy() for j in range(len(tokens))]).astype(np.float16)
+    feats = TokenFeatures(states, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    bank = engine.text_bank(feats)
+    t16 = torch.from_numpy(states.astype(np.float32))
+    a = torch.arange(len(images)).repeat_interleave(3)[:20]
+    b = torch.arange(20)
+    got = engine.pair_scores(images, bank, a, b)
+    for p in range(20):
+        off = int(feats.offsets[b[p]])
+        ref = reference_score(model, regions[a[p]], t16[off:off + lengths[b[p]]])
+        assert got[p].item() == pytest.approx(ref, abs=1e-5)
+
+
+def test_bf16_is_close_and_never_default(small):
+    model, engine, images, texts, regions, tokens, mask, _ = small
+    assert engine.precision == "fp32"
+    fast = ScoringEngine(model, precision="bf16", block_pairs=16, granule=8)
+    bi, bt = fast.image_bank(regions), fast.text_bank((tokens, mask))
+    diff = (fast.full_scores(bi, bt) - engine.full_scores(images, texts)).abs().max()
+    assert diff < 0.05 * SMALL.alpha + 1e-3
+
+
+def test_memory_bounded_streaming_gives_identical_results(small):
+    model, _, images, texts, *_, ci = small
+    big = ScoringEngine(model, block_pairs=256, granule=8)
+    tiny = ScoringEngine(model, block_pairs=8, granule=8)
+    a = big.ranks(images, texts, ci, mode="exact", image_block=64)
+    b = tiny.ranks(images, texts, ci, mode="exact", image_block=2)
+    assert np.array_equal(a.i2t, b.i2t) and np.array_equal(a.t2i, b.t2i)
+
+
+def batch(config, b=10, k=7, n_max=11, seed=5, duplicate=True):
+    g = torch.Generator().manual_seed(seed)
+    regions = torch.randn(b, k, config.img_dim, generator=g)
+    lengths = torch.randint(1, n_max + 1, (b,), generator=g)
+    tokens = torch.randn(b, n_max, config.txt_dim, generator=g)
+    mask = torch.arange(n_max)[None] < lengths[:, None]
+    same = None
+    if duplicate:  # pairs 2 and 3 share one photo
+        regions[3] = regions[2]
+        same = torch.zeros(b, b, dtype=torch.bool)
+        same[2, 3] = same[3, 2] = True
+    return regions, tokens, mask, same
+
+
+@pytest.mark.parametrize("kind", ["max", "sum"])
+@pytest.mark.parametrize("duplicate", [False, True])
+@pytest.mark.parametrize("alpha", [0.2, 3.0])
+def test_mined_loss_and_gradients_equal_exhaustive(kind, duplicate, alpha):
+    torch.manual_seed(1)
+    config = ModelConfig(img_dim=24, txt_dim=20, d=32, heads=4, cnn_filters=16, dropout=0.0, alpha=alpha)
+    model = MMCA(config).eval()
+    regions, tokens, mask, same = batch(config, duplicate=duplicate)
+    model.zero_grad()
+    full = exhaustive_loss(model, regions, tokens, mask, 0.2, same, kind)
+    full.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    stats = {}
+    got = mined_loss(model, regions, tokens, mask, 0.2, same, kind, stats=stats)
+    got.backward()
+    assert got.item() == pytest.approx(full.item(), rel=1e-5, abs=1e-6)
+    for w, p in zip(want, model.parameters()):
+        assert torch.allclose(p.grad, w, atol=1e-5, rtol=1e-4)
+    if kind == "max":
+        # <= 3B; a duplicated photo ties exactly with its copy, and ties are all recomputed
+        assert stats["recomputed_pairs"] <= (4 if duplicate else 3) * len(regions)
+    assert not model.training
+
+
+def test_mined_loss_keeps_training_mode():
+    model = MMCA(SMALL).train()
+    regions, tokens, mask, same = batch(SMALL)
+    mined_loss(model, regions, tokens, mask, same_image=same).backward()
+    assert model.training and model.cross_unit.training
+
+
+def test_real_shapes_on_a_handful_of_pairs():
+    torch.manual_seed(0)
+    config = ModelConfig(dropout=0.0)  # d 256, 16 heads, 1280 / 384
+    model = MMCA(config).eval()
+    g = torch.Generator().manual_seed(0)
+    regions = torch.randn(3, 36, 1280, generator=g)
+    lengths = torch.tensor([16, 9, 23])
+    tokens = torch.randn(3, 23, 384, generator=g)
+    mask = torch.arange(23)[None] < lengths[:, None]
+    for precision, tol in (("fp32", 2e-5), ("bf16", 2e-2)):
+        engine = ScoringEngine(model, precision=precision)
+        images, texts = engine.image_bank(regions), engine.text_bank((tokens, mask))
+        full = engine.full_scores(images, texts)
+        for i in range(3):
+            for j in range(3):
+                ref = reference_score(model, regions[i], tokens[j, :lengths[j]])
+                assert full[i, j].item() == pytest.approx(ref, abs=tol)
