@@ -1,0 +1,337 @@
+"""`mmca bench`: the engine against the plain per-pair path, in one run on the same inputs.
+
+(a) exhaustive scoring pairs/s: engine fp32 / bf16 vs the plain path (the model's standard
+    Transformer layer `model.cross` on batches of stacked pairs built by indexing);
+(b) one training step at B (forward + backward + Adam): mine-then-recompute vs all B² pairs;
+(c) exact pruned vs exhaustive ranks: fraction of pair passes and equality of R@1/5/10
+    (random weights by default; --checkpoint/--dataset for a trained model on real features);
+(d) peak memory (RSS, separate process) scoring a big random gallery with exact pruning, on a
+    time-limited portion of the blocks when the whole pass would take too long.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from mmca.config import ModelConfig
+from mmca.engine.mining import exhaustive_loss, mined_loss
+from mmca.engine.ranking import RankResult, _bounds, _thresholds
+from mmca.engine.scoring import ScoringEngine, inference_mode
+from mmca.model import MMCA
+
+
+class RandomImages:
+    """Random region features generated per index (nothing big held in memory)."""
+
+    def __init__(self, n: int, k: int, dim: int, seed: int = 0):
+        self.num_images, self.k, self.dim, self.seed = n, k, dim, seed
+
+    def image_batch(self, index) -> torch.Tensor:
+        index = np.asarray(index).reshape(-1)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(index[0]))
+        return torch.randn(len(index), self.k, self.dim, generator=g)
+
+
+class RandomTokens:
+    """Random token states with a realistic caption-length spread (mean ~16 WordPiece tokens
+    including [CLS]/[SEP], 8..40), generated per batch."""
+
+    def __init__(self, m: int, dim: int, seed: int = 1):
+        rng = np.random.default_rng(seed)
+        self.lengths = np.clip(np.round(rng.gamma(9.0, 16 / 9.0, m)), 8, 40).astype(np.int64)
+        self.dim, self.seed = dim, seed
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, index, dtype=torch.float32):
+        index = np.asarray(index).reshape(-1)
+        lengths = self.lengths[index]
+        n = int(lengths.max())
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(index[0]))
+        tokens = torch.randn(len(index), n, self.dim, generator=g).to(dtype)
+        return tokens, torch.arange(n)[None] < torch.as_tensor(lengths)[:, None]
+
+
+def _best_rate(fn, pairs: int, repeat: int = 2) -> float:
+    best = 0.0
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = max(best, pairs / (time.perf_counter() - t))
+    return best
+
+
+@torch.no_grad()
+def plain_scores(model, regions, tokens, mask, batch: int = 256) -> torch.Tensor:
+    """The plain path: per-item encoders once, then `model.cross` (a standard Transformer layer
+    with its own Q/K/V) on every stacked pair, batch by batch, captions padded per batch."""
+    r, i0 = model.encode_image(regions)
+    e, c0 = model.encode_text(tokens, mask)
+    n, m = len(regions), len(tokens)
+    a_all = torch.arange(n).repeat_interleave(m)
+    b_all = torch.arange(m).repeat(n)
+    out = torch.empty(n * m)
+    for s in range(0, n * m, batch):
+        a, b = a_all[s:s + batch], b_all[s:s + batch]
+        length = int(mask[b].sum(1).max())
+        i1, c1 = model.cross(r[a], e[b, :length], mask[b, :length])
+        out[s:s + batch] = (i0[a] * c0[b]).sum(-1) + model.alpha * (i1 * c1).sum(-1)
+    return out.view(n, m)
+
+
+def bench_scoring(model, args, log) -> dict:
+    images = RandomImages(args.score_images, args.regions, model.config.img_dim, seed=11)
+    texts = RandomTokens(args.score_captions, model.config.txt_dim, seed=12)
+    regions = images.image_batch(np.arange(args.score_images))
+    tokens, mask = texts.batch(np.arange(args.score_captions))
+    pairs = args.score_images * args.score_captions
+    out = {"pairs": pairs}
+    with inference_mode(model):
+        ref = plain_scores(model, regions, tokens, mask)
+        out["plain_pairs_per_s"] = _best_rate(lambda: plain_scores(model, regions, tokens, mask), pairs)
+        for precision in ("fp32", "bf16"):
+            eng = ScoringEngine(model, device=args.device, precision=precision)
+            ib = eng.image_bank(regions.to(eng.device))
+            tb = eng.text_bank((tokens, mask))
+            full = eng.full_scores(ib, tb)
+            out[f"{precision}_pairs_per_s"] = _best_rate(lambda: eng.full_scores(ib, tb), pairs)
+            out[f"{precision}_max_abs_diff_vs_plain"] = float((full.cpu() - ref).abs().max())
+    for p in ("fp32", "bf16"):
+        out[f"{p}_speedup"] = out[f"{p}_pairs_per_s"] / out["plain_pairs_per_s"]
+    log(f"(a) exhaustive scoring, {args.score_images} x {args.score_captions} pairs: "
+        f"plain {out['plain_pairs_per_s']:.0f} pairs/s | engine fp32 {out['fp32_pairs_per_s']:.0f} "
+        f"({out['fp32_speedup']:.2f}x, max |dS| {out['fp32_max_abs_diff_vs_plain']:.1e}) | "
+        f"engine bf16 {out['bf16_pairs_per_s']:.0f} ({out['bf16_speedup']:.2f}x, max |dS| "
+        f"{out['bf16_max_abs_diff_vs_plain']:.1e})")
+    return out
+
+
+def bench_training(config, args, log) -> dict:
+    bsz = args.batch
+    images = RandomImages(bsz, args.regions, config.img_dim, seed=21)
+    texts = RandomTokens(bsz, config.txt_dim, seed=22)
+    regions = images.image_batch(np.arange(bsz))
+    tokens, mask = texts.batch(np.arange(bsz))
+    out = {"batch": bsz}
+
+    def step(kind):
+        torch.manual_seed(0)
+        model = MMCA(config).train()
+        opt = torch.optim.Adam(model.parameters(), lr=2e-4)
+        stats = {}
+        t = time.perf_counter()
+        if kind == "mined":
+            loss = mined_loss(model, regions, tokens, mask, precision=args.mine_precision, stats=stats)
+        else:
+            loss = exhaustive_loss(model, regions, tokens, mask, chunk=bsz * bsz)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t, float(loss.detach()), stats
+
+    step("mined")  # warm-up
+    t_mined, l_mined, stats = min(step("mined") for _ in range(2))
+    t_full, l_full, _ = step("exhaustive")
+    out.update(mined_s=t_mined, exhaustive_s=t_full, speedup=t_full / t_mined,
+               mined_loss=l_mined, exhaustive_loss=l_full, **stats)
+    log(f"(b) training step B={bsz} (fwd+bwd+Adam, dropout {config.dropout}): exhaustive B^2 "
+        f"{t_full:.2f} s | mined {t_mined:.2f} s ({out['speedup']:.1f}x; mining pass "
+        f"{stats.get('mined_pairs')} pairs, recompute {stats.get('recomputed_pairs')} pairs; "
+        f"loss {l_full:.4f} vs {l_mined:.4f}, dropout noise)")
+    return out
+
+
+def bench_ranks(model, args, log) -> dict:
+    eng = ScoringEngine(model, device=args.device)
+    if args.dataset:
+        from mmca.features.prepare import open_dataset
+        ds = open_dataset(args.dataset, args.split)
+        ib, tb = eng.image_bank(ds), eng.text_bank(ds.token_features)
+        caption_image = ds.caption_image
+        what = f"{ds.num_images} x {ds.num_captions} ({args.dataset} {args.split})"
+    else:
+        n, per = args.rank_images, 5
+        ib = eng.image_bank(RandomImages(n, args.regions, model.config.img_dim, seed=31))
+        tb = eng.text_bank(RandomTokens(n * per, model.config.txt_dim, seed=32))
+        caption_image = np.repeat(np.arange(n), per)
+        what = f"{n} x {n * per} (random features)"
+    total = len(ib) * len(tb)
+    out = {"gallery": what, "exhaustive_pairs": total}
+    t = time.perf_counter()
+    ex = eng.ranks(ib, tb, caption_image, mode="exhaustive")
+    out["exhaustive_s"] = time.perf_counter() - t
+    results = {"exhaustive": ex}
+    for name, kw in (("exact", {}), ("exact_max_rank_10", {"max_rank": 10}),
+                     ("shortlist_100", {"mode": "shortlist", "shortlist_k": 100})):
+        t = time.perf_counter()
+        kw = dict({"mode": "exact"}, **kw)
+        results[name] = eng.ranks(ib, tb, caption_image, **kw)
+        out[f"{name}_s"] = time.perf_counter() - t
+    rec_ex = ex.recalls()
+    for name, res in results.items():
+        out[f"{name}_pair_fraction"] = res.pair_passes / total
+        out[f"{name}_recalls"] = res.recalls()
+    out["exact_ranks_identical"] = bool(np.array_equal(ex.i2t, results["exact"].i2t)
+                                        and np.array_equal(ex.t2i, results["exact"].t2i))
+    capped = results["exact_max_rank_10"]
+    out["exact_max_rank_10_identical_below_10"] = bool(
+        np.array_equal(np.minimum(ex.i2t, 10), capped.i2t) and np.array_equal(np.minimum(ex.t2i, 10), capped.t2i))
+    gap = {k: results["shortlist_100"].recalls()[k] - v for k, v in rec_ex.items()}
+    out["shortlist_100_recall_gap"] = gap
+    log(f"(c) ranks on {what}: exhaustive {total} pair passes, R@1/5/10 i2t "
+        f"{rec_ex['i2t_R@1']:.1f}/{rec_ex['i2t_R@5']:.1f}/{rec_ex['i2t_R@10']:.1f} t2i "
+        f"{rec_ex['t2i_R@1']:.1f}/{rec_ex['t2i_R@5']:.1f}/{rec_ex['t2i_R@10']:.1f}")
+    for name in ("exact", "exact_max_rank_10", "shortlist_100"):
+        r = results[name].recalls()
+        same = "identical" if all(abs(r[k] - rec_ex[k]) < 1e-9 for k in rec_ex) else "DIFFERENT"
+        log(f"    {name:18s} pair passes {out[name + '_pair_fraction']:.2%} of exhaustive, "
+            f"{out[name + '_s']:.1f} s, recalls {same} (rsum {r['rsum']:.2f} vs {rec_ex['rsum']:.2f})")
+    log(f"    exact ranks identical to exhaustive: {out['exact_ranks_identical']}; "
+        f"exhaustive {out['exhaustive_s']:.1f} s")
+    return out
+
+
+def memory_child(args) -> dict:
+    """Run in a fresh process: banks for the big gallery + exact pruned blocks until the time
+    limit; report peak RSS."""
+    torch.manual_seed(0)
+    model = MMCA(ModelConfig(dropout=0.0, d=args.d, heads=args.heads)).eval()
+    eng = ScoringEngine(model, device=args.device)
+    t0 = time.perf_counter()
+    ib = eng.image_bank(RandomImages(args.big_images, args.regions, model.config.img_dim, seed=41))
+    tb = eng.text_bank(RandomTokens(args.big_captions, model.config.txt_dim, seed=42))
+    build_s = time.perf_counter() - t0
+    per = args.big_captions // args.big_images
+    gimg = torch.as_tensor(np.arange(args.big_captions) // per, device=eng.device)
+    t0 = time.perf_counter()
+    tau, sigma = _thresholds(eng, ib, tb, gimg)
+    done_images, passes, t1 = 0, 0, time.perf_counter()
+    block = args.big_image_block
+    for s in range(0, len(ib), block):
+        e = min(len(ib), s + block)
+        _, _, maybe_t, _, maybe_i = _bounds(eng, ib, tb, gimg, s, e, tau, sigma)
+        ii, jj = (maybe_t | maybe_i).nonzero(as_tuple=True)
+        eng.pair_scores(ib, tb, ii + s, jj)
+        passes += len(ii)
+        done_images = e
+        if time.perf_counter() - t1 > args.big_seconds:
+            break
+    elapsed = time.perf_counter() - t0
+    rate = passes / max(time.perf_counter() - t1, 1e-9)
+    remaining = len(ib) * len(tb) * (passes / max(done_images * len(tb), 1)) - passes
+    return {
+        "gallery": f"{args.big_images} x {args.big_captions}",
+        "bank_gib": (ib.nbytes + tb.nbytes) / 2**30,
+        "bank_build_s": build_s,
+        "images_done": done_images,
+        "pair_passes_done": passes,
+        "undecided_fraction_so_far": passes / max(done_images * len(tb), 1),
+        "pairs_per_s": rate,
+        "estimated_full_hours": (elapsed + remaining / max(rate, 1e-9)) / 3600,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+
+
+def bench_memory(args, log) -> dict:
+    cmd = [sys.executable, "-c",
+           "import json,sys; from mmca.engine.benchmark import main_memory; main_memory(sys.argv[1:])",
+           *_memory_argv(args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    if res.returncode:
+        log(f"(d) memory run failed:\n{res.stderr[-2000:]}")
+        return {"error": res.stderr[-2000:]}
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    log(f"(d) {out['gallery']} random gallery, exact pruning, image blocks of {args.big_image_block}: "
+        f"banks {out['bank_gib']:.2f} GiB (built in {out['bank_build_s']:.0f} s), "
+        f"peak RSS {out['peak_rss_gib']:.2f} GiB; ran {out['images_done']} images' blocks "
+        f"({out['pair_passes_done']} pair passes, {out['pairs_per_s']:.0f} pairs/s, undecided "
+        f"{out['undecided_fraction_so_far']:.1%}) in the {args.big_seconds:.0f} s limit; the whole "
+        f"pass would take ~{out['estimated_full_hours']:.1f} h here")
+    return out
+
+
+def _memory_argv(args) -> list[str]:
+    return [f"--{k.replace('_', '-')}={v}" for k, v in
+            (("big_images", args.big_images), ("big_captions", args.big_captions),
+             ("big_seconds", args.big_seconds), ("big_image_block", args.big_image_block),
+             ("device", args.device), ("regions", args.regions), ("d", args.d), ("heads", args.heads))]
+
+
+def main_memory(argv) -> None:
+    import argparse
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(argv)
+    print(json.dumps(memory_child(args)))
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--d", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--regions", type=int, default=36)
+    parser.add_argument("--img-dim", type=int, default=1280)
+    parser.add_argument("--txt-dim", type=int, default=384)
+    parser.add_argument("--score-images", type=int, default=32)
+    parser.add_argument("--score-captions", type=int, default=160)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--mine-precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--rank-images", type=int, default=100,
+                        help="random gallery of N images x 5N captions for (c)")
+    parser.add_argument("--checkpoint", default=None, help="trained model for (c)")
+    parser.add_argument("--dataset", default=None, help="prepared dataset root for (c)")
+    parser.add_argument("--split", default="dev")
+    parser.add_argument("--big-images", type=int, default=5000)
+    parser.add_argument("--big-captions", type=int, default=25000)
+    parser.add_argument("--big-seconds", type=float, default=60.0)
+    parser.add_argument("--big-image-block", type=int, default=4)
+    parser.add_argument("--skip-big", action="store_true", help="skip (d)")
+    parser.add_argument("--only", default="abcd", help="subset of the parts to run, e.g. 'ac'")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+
+
+def run(args) -> int:
+    lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    torch.manual_seed(0)
+    config = ModelConfig(img_dim=args.img_dim, txt_dim=args.txt_dim, d=args.d, heads=args.heads,
+                         dropout=0.0)
+    model = MMCA(config).to(args.device).eval()
+    log(f"mmca bench: d {args.d}, {args.heads} heads, {args.regions} regions, D_img {args.img_dim}, "
+        f"D_txt {args.txt_dim}, device {args.device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads")
+    results = {}
+    if "a" in args.only:
+        results["scoring"] = bench_scoring(model, args, log)
+    if "b" in args.only:
+        results["training"] = bench_training(ModelConfig(img_dim=args.img_dim, txt_dim=args.txt_dim,
+                                                         d=args.d, heads=args.heads), args, log)
+    if "c" in args.only:
+        rank_model = model
+        if args.checkpoint:
+            from mmca.checkpoint import load_model
+            rank_model, _ = load_model(args.checkpoint, device=args.device)
+            rank_model.eval()
+        results["ranks"] = bench_ranks(rank_model, args, log)
+    if "d" in args.only and not args.skip_big:
+        results["memory"] = bench_memory(args, log)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    return 0
+
+
+__all__ = ["RankResult", "add_arguments", "run"]
