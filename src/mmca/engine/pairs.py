@@ -83,15 +83,15 @@ def _text_head(w: CrossWeights, y: torch.Tensor, mask: torch.Tensor) -> torch.Te
     p_, length, d = y.shape
     f = w.filters
     z = (y.reshape(-1, d) @ w.taps_w).view(p_, length, -1)  # (P, L, f * taps)
-    zpad = F.pad(z, (0, 0, 0, max(w.windows) - 1))  # zeros past the end
     not_real = ~mask.unsqueeze(-1)
     pooled, col = [], 0
     for width, bias in zip(w.windows, w.conv_b):
-        acc = zpad[:, 0:length, col:col + f] + bias
-        for s in range(1, width):
-            acc = acc + zpad[:, s:s + length, col + s * f:col + (s + 1) * f]
+        acc = z[:, :, col:col + f] + bias
+        for s in range(1, min(width, length)):  # tap s reads row t + s; zero past the end
+            acc[:, :length - s] += z[:, s:, col + s * f:col + (s + 1) * f]
         col += width * f
-        pooled.append(torch.relu(acc).masked_fill(not_real, float("-inf")).amax(dim=1))
+        # max over the real positions, then ReLU (monotone, so the same as ReLU then max)
+        pooled.append(torch.relu(acc.masked_fill_(not_real, float("-inf")).amax(dim=1)))
     c = torch.addmm(w.fc_b, torch.cat(pooled, dim=-1), w.fc_w).float()
     if w.head_norm is not None:
         g, b, eps = w.head_norm
