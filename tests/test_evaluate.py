@@ -53,15 +53,26 @@ def oracle(scores: np.ndarray, owner: np.ndarray):
     return retrieval_metrics(*ranks_from_scores(scores, owner))
 
 
-@pytest.mark.parametrize("mode", ["exhaustive", "exact"])
+@pytest.mark.parametrize("mode", ["exhaustive", "exact", "shortlist"])
 def test_whole_split_equals_the_oracle_over_all_pairs(model, mode):
     ds = synthetic(6)
-    result = evaluate(model, ds, "full", mode=mode, max_rank=None)
+    # A shortlist longer than the gallery re-ranks every candidate, so it is exact here too.
+    result = evaluate(model, ds, "full", mode=mode, max_rank=None, shortlist_k=ds.num_captions)
     assert result.metrics == oracle(all_scores(model, ds), ds.caption_image)
     assert result.folds == []
     assert result.exhaustive_pairs == 6 * 30
     if mode == "exhaustive":
         assert result.pair_passes >= 6 * 30
+
+
+def test_capped_exact_ranks_give_the_exact_recalls(model):
+    ds = synthetic(12)
+    result = evaluate(model, ds, "full", mode="exact")  # ranks exact below 10 only
+    full = oracle(all_scores(model, ds), ds.caption_image)
+    recalls = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
+    assert {k: result.metrics[k] for k in recalls} == {k: full[k] for k in recalls}
+    assert result.exact_below == 10
+    assert result.metrics["i2t_meanr"] is None  # some image ranks are only bounds
 
 
 def test_two_folds_rank_each_fold_alone_and_average(model):
@@ -112,6 +123,7 @@ def test_results_json_is_written_and_parseable(model, tmp_path):
     assert raw["metrics"] == result.metrics
     assert raw["checkpoint"] == "m.pt" and raw["dataset_root"] == "/data" and raw["split"] == "test"
     assert raw["protocol"] == "full" and raw["mode"] == "exact"
+    assert raw["exact_below"] == 10 and raw["shortlist_k"] is None
     assert raw["pair_passes"] == result.pair_passes
     assert 0 < raw["pair_fraction"] <= 1
     assert 0 < raw["encode_seconds"] < raw["seconds"]

@@ -79,7 +79,8 @@ class EvaluationResult:
     exhaustive_pairs: int  # what scoring every (image, caption) pair of every fold would take
     seconds: float  # wall time, encoding included
     encode_seconds: float  # of which building the image and text banks
-    max_rank: int | None
+    exact_below: int | None  # ranks below this are exact, the rest lower bounds; None: all exact
+    shortlist_k: int | None  # candidates re-ranked per query, in shortlist mode
     folds: list[Metrics] = field(default_factory=list)  # per fold, when there are several
 
     @property
@@ -192,7 +193,8 @@ def evaluate(
         exhaustive_pairs=pairs,
         seconds=encode_s + rank_s,
         encode_seconds=encode_s,
-        max_rank=max_rank,
+        exact_below=ranked.exact_below,
+        shortlist_k=shortlist_k if mode == "shortlist" else None,
         folds=folds if len(folds) > 1 else [],
     )
 
