@@ -63,6 +63,7 @@ class TrainConfig:
     seed: int = 0
     val_max_rank: int | None = 10  # ranks exact below this in per-epoch validation (R@1/5/10 exact)
     save_every_steps: int = 100  # mid-epoch checkpoints, so an interrupted epoch resumes mid-way
+    init_from_ablation: bool = False  # `mmca sample`: start the full model from the α = 0 run
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

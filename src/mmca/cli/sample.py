@@ -1,0 +1,75 @@
+"""`mmca sample`: the whole job on one dataset — prepare, train MMCA and its α = 0 ablation,
+evaluate both on the validation split, print them beside the paper's Flickr30K row."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from mmca.config import PRESETS, preset
+
+NAME = "sample"
+HELP = "the end-to-end job: prepare, train MMCA and the α = 0 ablation, evaluate, compare"
+DESCRIPTION = """\
+Run everything on DATASET_DIR (the README's main command runs it on the Flickr8k sample):
+
+  1. prepare the train and validation splits (cached: a second run reuses the features);
+  2. train the α = 0 ablation (self-attention module only, S = i0·c0) with --preset;
+  3. train the full model (S = i0·c0 + α·i1·c1) with the same preset, initialised from the
+     ablation's best weights when the preset says so (see docs/results.md);
+  4. evaluate both best checkpoints on the validation split (exact protocol; the per-epoch
+     validation already computed it) and print them beside the paper's Flickr30K 1K row.
+
+Runs go to --out (default runs/sample): a finished run is reused, an interrupted one resumes.
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", type=Path, metavar="DATASET_DIR")
+    p.add_argument("--preset", default="sample", choices=sorted(PRESETS),
+                   help="training recipe for both models (default: sample)")
+    p.add_argument("--out", type=Path, default=Path("runs/sample"), help="where the two runs go")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="dev")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    p.add_argument("--cache", type=Path, help="feature cache directory (default: ~/.cache/mmca)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmca.checkpoint import read_checkpoint
+    from mmca.evaluate import PAPER_RESULTS, format_table
+    from mmca.features.prepare import open_dataset
+    from mmca.train import Trainer
+
+    started = time.perf_counter()
+    progress = not args.no_progress
+    train_set = open_dataset(args.dataset, args.train_split, cache_dir=args.cache, progress=progress)
+    dev_set = open_dataset(args.dataset, args.val_split, cache_dir=args.cache, progress=progress)
+    for ds in (train_set, dev_set):
+        print("  ".join(f"{k}: {v}" for k, v in ds.summary().items()))
+
+    config = preset(args.preset)
+    runs = {"α = 0 ablation": (args.out / "alpha0", config.replace(model_alpha=0.0), None)}
+    init = args.out / "alpha0" / "best.pt" if config.init_from_ablation else None
+    runs["MMCA"] = (args.out / "mmca", config, init)
+    rows, timings = {}, {}
+    for name, (out, cfg, init_from) in runs.items():
+        print(f"\n== {name}: {cfg.epochs} epochs, preset {args.preset} -> {out}")
+        t0 = time.perf_counter()
+        Trainer(cfg, train_set, dev_set, out, device=args.device, resume=True,
+                init_from=init_from, progress=progress).run()
+        timings[name] = round(time.perf_counter() - t0, 1)
+        best = read_checkpoint(out / "best.pt")
+        rows[f"{name} (epoch {best['epoch']})"] = best["metrics"]
+    ours = {f"{k} [{dev_set.name} {dev_set.split}]": v for k, v in rows.items()}
+    table = format_table({**ours, "paper, Flickr30K 1K": PAPER_RESULTS["Flickr30K 1K"]})
+    total = time.perf_counter() - started
+    print(f"\n{table}\n\ntotal {total / 60:.1f} min (training: "
+          + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ")")
+    (args.out / "results.json").write_text(json.dumps(
+        {"preset": args.preset, "dataset": str(args.dataset), "split": args.val_split,
+         "metrics": rows, "train_seconds": timings, "total_seconds": round(total, 1)}, indent=2))
+    return 0

@@ -1,0 +1,232 @@
+"""Training: hardest-negative triplet loss through the engine's mine-then-recompute path,
+validation on dev after every epoch, best checkpoint by dev rsum, and exact resumption.
+
+A run directory holds `config.json`, `last.pt` (everything needed to resume, rewritten
+atomically every `save_every_steps` steps and at each epoch end), `best.pt`, `log.csv` and
+`curves.png`. Data order depends only on (seed, epoch), and the RNG state is checkpointed,
+so a resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mmca.checkpoint import read_checkpoint, save_checkpoint
+from mmca.config import TrainConfig
+from mmca.data.dataset import RetrievalDataset
+from mmca.engine import mined_loss
+from mmca.errors import MmcaError
+from mmca.evaluate import evaluate
+from mmca.model import MMCA
+
+LOG_FIELDS = ["epoch", "loss", "loss_kind", "lr", "train_s", "val_s",
+              "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "collapsed"]
+CROSS_MODULES = ("token_fc", "cross_unit", "cross_text_head")
+
+
+@dataclass
+class TrainState:
+    """Progress that must survive an interruption."""
+
+    epoch: int = 0  # the epoch in progress (0-based)
+    step: int = 0  # batches of that epoch already done
+    loss_sum: float = 0.0  # running sum over those batches
+    best_rsum: float = -1.0
+    history: list[dict] = field(default_factory=list)
+
+
+def batch_order(num_captions: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The caption batches of one epoch: a permutation that depends only on (seed, epoch)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(num_captions)
+    batches = [perm[i:i + batch_size] for i in range(0, num_captions, batch_size)]
+    return [b for b in batches if len(b) > 1]  # a lone pair has no negatives
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    return config.lr * config.lr_decay ** sum(epoch >= e for e in config.lr_decay_epochs)
+
+
+def build_optimizer(model: MMCA, config: TrainConfig) -> torch.optim.Adam:
+    """Adam with the cross-attention module in a group of its own (its lr may be scaled)."""
+    cross = [p for name, p in model.named_parameters() if name.split(".")[0] in CROSS_MODULES]
+    cross_ids = {id(p) for p in cross}
+    rest = [p for p in model.parameters() if id(p) not in cross_ids]
+    return torch.optim.Adam([{"params": rest, "lr_scale": 1.0},
+                             {"params": cross, "lr_scale": config.cross_lr_scale}], lr=config.lr)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+
+
+def collapse_floor(config: TrainConfig) -> float:
+    """Loss of a collapsed model (every score equal) with hardest negatives: 2·B·margin."""
+    return 2 * config.batch_size * config.margin
+
+
+class Trainer:
+    """One training run in `out_dir`; `run()` trains to the end, resuming if asked."""
+
+    def __init__(self, config: TrainConfig, train_set: RetrievalDataset, dev_set: RetrievalDataset,
+                 out_dir: str | Path, device: str | torch.device = "cpu", resume: bool = False,
+                 init_from: str | Path | None = None, progress: bool = True,
+                 log: Callable[[str], None] = print):
+        self.config = config.replace(model_img_dim=int(train_set.image_features.shape[2]),
+                                     model_txt_dim=train_set.token_features.dim)
+        self.train_set, self.dev_set = train_set, dev_set
+        self.out_dir, self.device = Path(out_dir), torch.device(device)
+        self.progress, self.log = progress, log
+        self.last_path, self.best_path = self.out_dir / "last.pt", self.out_dir / "best.pt"
+
+        torch.manual_seed(self.config.seed)
+        self.model = MMCA(self.config.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, self.config)
+        self.state = TrainState()
+        if self.last_path.exists():
+            if not resume:
+                raise MmcaError(f"{self.out_dir} already holds a run (last.pt)",
+                                "pass --resume to continue it, or choose another --out directory")
+            self._restore()
+        elif init_from is not None:
+            self._init_weights(Path(init_from))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+
+    def _init_weights(self, path: Path) -> None:
+        """Start from another run's weights (e.g. the α = 0 model), keeping this config."""
+        payload = read_checkpoint(path)
+        missing, unexpected = self.model.load_state_dict(payload["model"], strict=False)
+        if unexpected:
+            raise MmcaError(f"{path} does not fit this model: unexpected weights {unexpected[:3]}",
+                            "initialise from a checkpoint trained on the same features")
+        self.log(f"initialised from {path}" + (f" ({len(missing)} tensors new)" if missing else ""))
+
+    def _restore(self) -> None:
+        payload = read_checkpoint(self.last_path)
+        saved = TrainConfig.from_dict(payload["train_config"])
+        if saved != self.config:
+            raise MmcaError(f"{self.last_path} was trained with another configuration",
+                            "resume with the same preset and options, or start a new --out directory")
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        torch.set_rng_state(payload["rng"])
+        self.state = TrainState(**json.loads(payload["state"]))
+        self.log(f"resuming {self.out_dir} at epoch {self.state.epoch + 1}, step {self.state.step}")
+
+    def _save_last(self) -> None:
+        save_checkpoint(self.last_path, self.model, train_config=self.config.to_dict(),
+                        optimizer=self.optimizer.state_dict(), rng=torch.get_rng_state(),
+                        state=json.dumps(self.state.__dict__))
+
+    def _train_step(self, captions: np.ndarray, kind: str) -> float:
+        ds = self.train_set
+        images = ds.caption_image[captions]
+        regions = ds.image_batch(images).to(self.device)
+        tokens, mask = ds.token_features.batch(captions)
+        same_image = torch.from_numpy(images[:, None] == images[None, :]).to(self.device)
+        loss = mined_loss(self.model, regions, tokens.to(self.device), mask.to(self.device),
+                          margin=self.config.margin, same_image=same_image, kind=kind,
+                          precision=self.config.mining_precision)
+        if not torch.isfinite(loss):
+            raise MmcaError(f"training loss became {float(loss)} in epoch {self.state.epoch + 1}, "
+                            f"step {self.state.step + 1}; {self.last_path} holds the last good state",
+                            "lower the learning rate or set a gradient clip, then --resume")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def _train_epoch(self) -> tuple[float, str, float]:
+        cfg, st = self.config, self.state
+        kind = "sum" if st.epoch < cfg.warmup_epochs else "max"
+        lr = learning_rate(cfg, st.epoch)
+        set_learning_rate(self.optimizer, lr)
+        batches = batch_order(self.train_set.num_captions, cfg.batch_size, cfg.seed, st.epoch)
+        self.model.train()
+        bar = tqdm(total=len(batches), initial=st.step, disable=not self.progress, leave=False,
+                   desc=f"epoch {st.epoch + 1}/{cfg.epochs}", unit="batch")
+        for captions in batches[st.step:]:
+            st.loss_sum += self._train_step(captions, kind)
+            st.step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{st.loss_sum / st.step:.3f}")
+            if st.step % cfg.save_every_steps == 0:
+                self._save_last()
+        bar.close()
+        return st.loss_sum / max(st.step, 1), kind, lr
+
+    def _is_collapsed(self, loss: float, kind: str, rsum: float) -> bool:
+        """Every score equal: the max-violation loss sits at 2·B·margin and recalls vanish."""
+        return kind == "max" and loss >= 0.98 * collapse_floor(self.config) and rsum < 10.0
+
+    def run(self) -> dict:
+        cfg, st = self.config, self.state
+        while st.epoch < cfg.epochs:
+            started = time.perf_counter()
+            loss, kind, lr = self._train_epoch()
+            train_s = time.perf_counter() - started
+            self.model.eval()
+            result = evaluate(self.model, self.dev_set, mode="exact", max_rank=cfg.val_max_rank,
+                              device=self.device)
+            m = result.metrics
+            row = {"epoch": st.epoch + 1, "loss": round(loss, 4), "loss_kind": kind, "lr": lr,
+                   "train_s": round(train_s, 1), "val_s": round(result.seconds, 1),
+                   **{k: round(m[k], 2) for k in LOG_FIELDS[6:13]},
+                   "collapsed": self._is_collapsed(loss, kind, m["rsum"])}
+            if row["collapsed"]:
+                self.log(f"WARNING: training collapsed in epoch {row['epoch']}: loss {loss:.2f} "
+                         f"≈ 2·B·margin = {collapse_floor(cfg):.1f}, dev rsum {m['rsum']:.1f}. "
+                         "Try --warmup-epochs 1, a lower --cross-lr-scale, or --init-from an α = 0 run.")
+            st.history.append(row)
+            self.log(f"epoch {row['epoch']}/{cfg.epochs} [{kind}] loss {loss:.4f} | dev "
+                     f"i2t R@1 {m['i2t_r1']:.1f} t2i R@1 {m['t2i_r1']:.1f} rsum {m['rsum']:.1f} | "
+                     f"train {train_s:.0f}s val {result.seconds:.0f}s")
+            if m["rsum"] > st.best_rsum:
+                st.best_rsum = m["rsum"]
+                save_checkpoint(self.best_path, self.model, train_config=cfg.to_dict(),
+                                epoch=row["epoch"], metrics=m)
+            st.epoch, st.step, st.loss_sum = st.epoch + 1, 0, 0.0
+            self._save_last()
+            self._write_log()
+        return {"best_rsum": st.best_rsum, "best": str(self.best_path), "history": st.history}
+
+    def _write_log(self) -> None:
+        with open(self.out_dir / "log.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(self.state.history)
+        plot_curves(self.state.history, self.out_dir / "curves.png")
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Loss and dev rsum per epoch, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_rsum) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax_loss.plot(epochs, [r["loss"] for r in history], marker="o")
+    ax_loss.set(title="training loss", xlabel="epoch")
+    ax_rsum.plot(epochs, [r["rsum"] for r in history], marker="o", color="tab:green")
+    ax_rsum.set(title="dev rsum", xlabel="epoch")
+    for ax in (ax_loss, ax_rsum):
+        ax.grid(alpha=0.3)
+        if len(epochs) < 15:
+            ax.set_xticks(epochs)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

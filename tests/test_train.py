@@ -1,0 +1,136 @@
+"""Training: it learns, it resumes to the same weights after a kill -9, it detects collapse."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from mmca.checkpoint import load_model, read_checkpoint
+from mmca.config import ModelConfig, TrainConfig
+from mmca.data.dataset import RetrievalDataset, TokenFeatures
+from mmca.errors import MmcaError
+from mmca.train import Trainer, batch_order, learning_rate
+
+TINY = TrainConfig(
+    model=ModelConfig(d=16, heads=2, cnn_filters=8, dropout=0.1),
+    epochs=3, batch_size=8, lr=1e-3, lr_decay_epochs=(2,), warmup_epochs=1, save_every_steps=2,
+    val_max_rank=None,
+)
+
+
+def synthetic_split(num_images: int, seed: int, k: int = 4, img_dim: int = 12, txt_dim: int = 10):
+    """A learnable toy split: each caption's tokens are a noisy linear view of its image."""
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(num_images, k, img_dim)).astype(np.float16)
+    view = np.random.default_rng(99).normal(size=(img_dim, txt_dim)) / np.sqrt(img_dim)
+    lengths = rng.integers(3, 8, size=num_images * 5)
+    states, offsets = [], [0]
+    for j, n in enumerate(lengths):
+        base = images[j // 5].astype(np.float64).mean(0) @ view
+        states.append((base + 0.3 * rng.normal(size=(n, txt_dim))).astype(np.float16))
+        offsets.append(offsets[-1] + n)
+    return RetrievalDataset(
+        name="toy", split=f"s{seed}", image_ids=[str(i) for i in range(num_images)],
+        captions=[f"caption {j}" for j in range(num_images * 5)],
+        caption_image=np.repeat(np.arange(num_images), 5), captions_per_image=5,
+        image_features=images,
+        token_features=TokenFeatures(np.concatenate(states), np.asarray(offsets, dtype=np.int64)),
+    )
+
+
+def train_tiny(out_dir, config=TINY, **kw):
+    trainer = Trainer(config, synthetic_split(24, 1), synthetic_split(10, 2), out_dir,
+                      progress=False, log=lambda _: None, **kw)
+    return trainer, trainer.run()
+
+
+def test_training_learns_and_writes_its_run_directory(tmp_path):
+    _, summary = train_tiny(tmp_path)
+    history = summary["history"]
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert [r["loss_kind"] for r in history] == ["sum", "max", "max"]
+    assert history[-1]["lr"] == pytest.approx(1e-4)
+    assert max(r["rsum"] for r in history) > 200  # 10 toy images: chance rsum is ~ 130
+    for name in ("config.json", "last.pt", "best.pt", "log.csv", "curves.png"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "log.csv").read_text().count("\n") == 4
+    _, extra = load_model(tmp_path / "best.pt")
+    assert extra["metrics"]["rsum"] == summary["best_rsum"]
+
+
+def test_existing_run_needs_resume(tmp_path):
+    train_tiny(tmp_path)
+    with pytest.raises(MmcaError, match="--resume"):
+        train_tiny(tmp_path)
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    train_tiny(tmp_path)
+    with pytest.raises(MmcaError, match="another configuration"):
+        train_tiny(tmp_path, config=TINY.replace(lr=5e-4), resume=True)
+
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from test_train import train_tiny
+    from mmca.train import Trainer
+    step = Trainer._train_step
+    count = 0
+    def dying_step(self, captions, kind):
+        global count
+        count += 1
+        if count == {die_at}:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no chance to write anything
+        return step(self, captions, kind)
+    Trainer._train_step = dying_step
+    train_tiny({out!r})
+""")
+
+
+def test_killed_run_resumes_to_the_same_final_weights(tmp_path):
+    straight, _ = train_tiny(tmp_path / "straight")
+    # 15 batches per epoch, a save every 2: die in epoch 2 at its 5th batch, one batch after a save.
+    script = CHILD.format(tests=os.path.dirname(__file__), die_at=20, out=str(tmp_path / "killed"))
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    state = read_checkpoint(tmp_path / "killed" / "last.pt")["state"]
+    assert '"epoch": 1' in state  # it had finished epoch 1 and was mid-way through epoch 2
+    resumed, _ = train_tiny(tmp_path / "killed", resume=True)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    timing = {"train_s", "val_s"}
+    strip = lambda history: [{k: v for k, v in row.items() if k not in timing} for row in history]
+    assert strip(resumed.state.history) == strip(straight.state.history)
+
+
+def test_collapse_is_detected_and_logged(tmp_path):
+    logged = []
+    collapsed = TINY.replace(epochs=2, warmup_epochs=0, lr=0.0)  # lr 0: scores never separate
+    config = collapsed.replace(model_alpha=0.0)
+    trainer = Trainer(config, synthetic_split(24, 1), synthetic_split(10, 2), tmp_path,
+                      progress=False, log=logged.append)
+    with torch.no_grad():  # a collapsed model: every embedding identical, every score equal
+        for p in trainer.model.parameters():
+            p.zero_()
+    trainer.run()
+    assert all(r["collapsed"] for r in trainer.state.history)
+    assert any("collapsed" in line for line in logged)
+
+
+def test_data_order_depends_only_on_seed_and_epoch():
+    a = batch_order(100, 8, seed=3, epoch=2)
+    assert all(np.array_equal(x, y) for x, y in zip(a, batch_order(100, 8, seed=3, epoch=2)))
+    assert not np.array_equal(a[0], batch_order(100, 8, seed=3, epoch=3)[0])
+    assert sorted(np.concatenate(a)) == list(range(100))
+
+
+def test_learning_rate_schedule_is_the_papers():
+    paper = TrainConfig()
+    assert learning_rate(paper, 9) == pytest.approx(2e-4)
+    assert learning_rate(paper, 10) == pytest.approx(2e-5)
