@@ -9,8 +9,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mmca.engine.bank import (ImageBank, TextBank, bucket_length, build_image_bank,
-                              build_text_bucket, concat_image_banks)
+from mmca.engine.bank import (ImageBank, TextBank, TextBucket, bucket_length, build_image_bank,
+                              build_text_bucket)
+
+IMAGE_FIELDS = ("r", "i0", "q", "k", "v", "m", "l", "o")
+TEXT_FIELDS = ("captions", "e", "mask", "q", "k", "v", "m", "l", "o", "key_bias")
 from mmca.engine.pairs import CrossWeights, score_block
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -85,11 +88,16 @@ class ScoringEngine:
             n = len(src)
             fetch = lambda idx: torch.as_tensor(np.asarray(src[idx[0]:idx[-1] + 1]) if not torch.is_tensor(src)  # noqa: E731
                                                 else src[idx[0]:idx[-1] + 1]).float()
-        parts = []
-        for s in range(0, n, batch_size):
+        bank = None
+        for s in range(0, n, batch_size):  # filled in place: no transient second copy
             idx = np.arange(s, min(n, s + batch_size))
-            parts.append(build_image_bank(self.model, fetch(idx).to(self.device), self.dtype))
-        return concat_image_banks(parts)
+            part = build_image_bank(self.model, fetch(idx).to(self.device), self.dtype)
+            if bank is None:
+                bank = ImageBank(*(torch.empty((n,) + getattr(part, f).shape[1:], dtype=getattr(part, f).dtype,
+                                               device=self.device) for f in IMAGE_FIELDS))
+            for f in IMAGE_FIELDS:
+                getattr(bank, f)[s:s + len(idx)] = getattr(part, f)
+        return bank
 
     @torch.no_grad()
     def _text_bank(self, token_features, index=None, batch_size: int = 512) -> TextBank:
@@ -119,21 +127,20 @@ class ScoringEngine:
         buckets = []
         for length in np.unique(padded):
             members = np.nonzero(padded == length)[0]  # positions in the bank, ascending
-            parts, c0s = [], []
-            for s in range(0, len(members), batch_size):
+            bucket, c0s = None, []
+            for s in range(0, len(members), batch_size):  # filled in place
                 pos = members[s:s + batch_size]
                 tok, msk = fetch(index[pos])
-                bucket, c = build_text_bucket(
+                part, c = build_text_bucket(
                     self.model, tok.to(self.device), msk.to(self.device),
                     torch.as_tensor(pos, device=self.device), int(length), self.dtype)
-                parts.append(bucket)
+                if bucket is None:
+                    bucket = TextBucket(int(length), *(
+                        torch.empty((len(members),) + getattr(part, f).shape[1:], dtype=getattr(part, f).dtype,
+                                    device=self.device) for f in TEXT_FIELDS))
+                for f in TEXT_FIELDS:
+                    getattr(bucket, f)[s:s + len(pos)] = getattr(part, f)
                 c0s.append(c)
-            if len(parts) > 1:
-                from mmca.engine.bank import TextBucket
-                fields = ("captions", "e", "mask", "q", "k", "v", "m", "l", "o", "key_bias")
-                bucket = TextBucket(int(length), *(torch.cat([getattr(p, f) for p in parts]) for f in fields))
-            else:
-                bucket = parts[0]
             c0[torch.as_tensor(members, device=self.device)] = torch.cat(c0s)
             bucket_of[members] = len(buckets)
             row_of[members] = np.arange(len(members))
