@@ -13,7 +13,7 @@ import sys
 from mmca.errors import MmcaError
 
 # Order is the order shown in `mmca --help`: the data flow, then the jobs.
-COMMANDS = ["prepare", "train", "evaluate", "sample", "bench"]
+COMMANDS = ["prepare", "train", "evaluate", "sample", "bench", "index", "search", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

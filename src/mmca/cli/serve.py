@@ -1,0 +1,41 @@
+"""`mmca serve`: the search web page and its JSON API on localhost."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+NAME = "serve"
+HELP = "serve a web page to search an index by sentence or by image (localhost)"
+DESCRIPTION = """\
+Serve the search page and its JSON API (FastAPI + uvicorn), bound to 127.0.0.1 by default:
+a query box and a grid of result images with scores; a click on a result shows which regions
+each word attends to in the cross-attention unit (a heat map over the photo); an image query
+(upload, or pick a gallery image) lists the best captions. Images are served only from the
+index's gallery, by id. The model and the index stay resident in the server process.
+
+API: GET /api/info, POST /api/search {query, k}, POST /api/heatmap {query, image},
+POST /api/search_image (multipart file, k), POST /api/search_gallery {image, k},
+GET /api/image/{id}, GET /api/gallery?offset=&limit=
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", type=Path, required=True, metavar="DIR")
+    p.add_argument("--checkpoint", type=Path, help="default: the index's own")
+    p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from mmca.search import Searcher
+    from mmca.search.server import create_app
+
+    searcher = Searcher(args.index, args.checkpoint)
+    app = create_app(searcher)
+    print(f"mmca serve: {searcher.index.num_images} images, {len(searcher.index.captions)} captions; "
+          f"http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

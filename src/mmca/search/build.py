@@ -1,0 +1,194 @@
+"""Build an index from a prepared dataset split or a folder of images, or append to one."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mmca.checkpoint import load_model
+from mmca.data.dataset import TokenFeatures
+from mmca.engine import ScoringEngine
+from mmca.errors import CheckpointError, DataError, MmcaError
+from mmca.search.index import (STORAGE, GalleryIndex, IndexWriter, backbone_identity,
+                               checkpoint_identity, list_images, text_encoder_identity)
+
+
+def _check_dims(model, img_dim: int, txt_dim: int, ckpt: Path) -> None:
+    c = model.config
+    if c.img_dim != img_dim or c.txt_dim != txt_dim:
+        raise CheckpointError(
+            f"checkpoint {ckpt} expects region features of {c.img_dim} and token states of "
+            f"{c.txt_dim}, but the gallery has {img_dim} and the text encoder {txt_dim}",
+            "use the checkpoint trained on these features (same backbone and text encoder)")
+
+
+def _meta(ckpt: Path, model, backbone, encoder, storage: str, source: dict[str, Any]) -> dict[str, Any]:
+    if storage not in STORAGE:
+        raise MmcaError(f"storage must be one of {sorted(STORAGE)}, not {storage!r}")
+    return {
+        "checkpoint": checkpoint_identity(ckpt),
+        "model_config": model.config.to_dict(),
+        "backbone": backbone_identity(backbone.describe()) if backbone is not None else None,
+        "text_encoder": text_encoder_identity(encoder.describe()),
+        "text_encoder_dir": str(encoder.model_dir),
+        "storage": storage,
+        "source": source,
+        "created": time.time(),
+    }
+
+
+def _read_captions(path: Path | None, names: Sequence[str]) -> tuple[list[str], list[int | None]]:
+    """captions.tsv (`filename<TAB>caption`) or plain lines (captions of no image)."""
+    if path is None:
+        return [], []
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"captions file not found: {path}", "pass a captions.tsv or a text file, one caption a line")
+    by_name = {n: i for i, n in enumerate(names)}
+    texts, images = [], []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if "\t" in line:
+            name, text = line.split("\t", 1)
+            if name not in by_name:
+                continue  # a caption of an image not in this gallery
+            image = by_name[name]
+        else:
+            text, image = line, None
+        if text.strip():
+            texts.append(text.strip())
+            images.append(image)
+    return texts, images
+
+
+def _encode_captions(encoder, texts: list[str], progress: bool) -> TokenFeatures | None:
+    return encoder.encode(texts, progress=progress) if texts else None
+
+
+def build_from_dataset(out: str | Path, checkpoint: str | Path, root: str | Path, split: str,
+                       limit: int | None = None, storage: str = "fp16", grid: int = 6,
+                       text_encoder: str | Path | None = None, max_tokens: int = 64,
+                       overwrite: bool = False, progress: bool = True) -> GalleryIndex:
+    """Index a prepared split (its cached features; computed now if missing). `limit`: the
+    first `limit` images and their captions only."""
+    from mmca.features import ImageBackbone, TextEncoder, prepare_split
+
+    ckpt = Path(checkpoint)
+    model, _ = load_model(ckpt)
+    prepared = prepare_split(root, split, grid=grid, text_encoder=text_encoder, max_tokens=max_tokens,
+                             progress=progress)
+    ds = prepared.dataset
+    encoder = TextEncoder(text_encoder, max_tokens)
+    backbone = ImageBackbone(grid) if ds.image_paths is not None else None
+    _check_dims(model, ds.image_features.shape[2], ds.token_features.dim, ckpt)
+    n = ds.num_images if limit is None else min(int(limit), ds.num_images)
+    cap = np.nonzero(ds.caption_image < n)[0]
+    engine = ScoringEngine(model, "cpu")
+    meta = _meta(ckpt, model, backbone, encoder, storage,
+                 {"kind": "dataset", "root": str(Path(root).resolve()), "split": split, "limit": limit})
+    bank = engine.image_bank(ds.image_features[:n])
+    states = ds.token_features
+    sub = TokenFeatures(*_ragged_subset(states, cap))
+    with IndexWriter(out, meta, overwrite) as w:
+        paths = ds.image_paths[:n] if ds.image_paths is not None else [None] * n
+        w.add_images(bank, ds.image_ids[:n], [None if p is None else str(Path(p).resolve()) for p in paths])
+        w.add_captions(sub, [ds.captions[j] for j in cap], [int(ds.caption_image[j]) for j in cap])
+    return GalleryIndex(out)
+
+
+def _ragged_subset(tokens: TokenFeatures, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lengths = tokens.lengths[index]
+    offsets = np.zeros(len(index) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    states = np.empty((int(offsets[-1]), tokens.dim), dtype=np.float16)
+    for row, j in enumerate(index):
+        states[offsets[row]:offsets[row + 1]] = tokens.states[tokens.offsets[j]:tokens.offsets[j + 1]]
+    return states, offsets
+
+
+def _extract(backbone, paths: list[Path], progress: bool) -> np.ndarray:
+    out = np.empty((len(paths), backbone.regions, 1280), dtype=np.float32)
+    backbone.extract_files(paths, out, progress=progress)
+    return out
+
+
+def build_from_folder(out: str | Path, checkpoint: str | Path, folder: str | Path,
+                      captions: str | Path | None = None, storage: str = "fp16", grid: int = 6,
+                      text_encoder: str | Path | None = None, max_tokens: int = 64,
+                      overwrite: bool = False, progress: bool = True) -> GalleryIndex:
+    """Index every image of a folder (features through the training backbone); captions from
+    `captions` (captions.tsv by filename, or plain lines) or the folder's captions.tsv."""
+    from mmca.features import ImageBackbone, TextEncoder
+
+    ckpt = Path(checkpoint)
+    model, _ = load_model(ckpt)
+    folder = Path(folder).resolve()
+    paths = list_images(folder)
+    if captions is None and (folder / "captions.tsv").is_file():
+        captions = folder / "captions.tsv"
+    backbone, encoder = ImageBackbone(grid), TextEncoder(text_encoder, max_tokens)
+    _check_dims(model, 1280, encoder.dim, ckpt)
+    engine = ScoringEngine(model, "cpu")
+    meta = _meta(ckpt, model, backbone, encoder, storage, {"kind": "folder", "root": str(folder)})
+    bank = engine.image_bank(_extract(backbone, paths, progress))
+    names = [p.name for p in paths]
+    texts, images = _read_captions(captions, names)
+    tokens = _encode_captions(encoder, texts, progress)
+    with IndexWriter(out, meta, overwrite) as w:
+        w.add_images(bank, names, [str(p) for p in paths])
+        if tokens is not None:
+            w.add_captions(tokens, texts, images)
+    return GalleryIndex(out)
+
+
+def add_to_index(index: str | Path, images: Sequence[str | Path], checkpoint: str | Path | None = None,
+                 captions: str | Path | None = None, progress: bool = True) -> tuple[int, int]:
+    """Append images (files, or folders of images) and optional captions to an index without
+    rebuilding it -> (images added, captions added)."""
+    from mmca.features import ImageBackbone, TextEncoder
+
+    idx = GalleryIndex(index)
+    ckpt = idx.resolve_checkpoint(checkpoint)
+    meta = idx.meta
+    if meta.get("backbone") is None:
+        raise DataError(f"index {idx.path} holds precomputed (precomp) features; images cannot be added to it",
+                        "build a separate index of your image folder")
+    model, _ = load_model(ckpt)
+    backbone = ImageBackbone(int(meta["backbone"]["grid"]))
+    if backbone_identity(backbone.describe()) != meta["backbone"]:
+        raise CheckpointError(f"the installed image backbone differs from the one index {idx.path} was built with",
+                              "reinstall the same MobileNetV2 weights, or rebuild the index")
+    encoder = TextEncoder(meta.get("text_encoder_dir"), int(meta["text_encoder"]["max_tokens"]))
+    if text_encoder_identity(encoder.describe()) != meta["text_encoder"]:
+        raise CheckpointError(f"the text encoder differs from the one index {idx.path} was built with",
+                              "use the same text encoder, or rebuild the index")
+    paths: list[Path] = []
+    for p in images:
+        p = Path(p).resolve()
+        if p.is_dir():
+            paths += list_images(p)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise DataError(f"image not found: {p}", "pass existing image files or folders")
+    known = {p for p in idx.image_paths if p}
+    paths = [p for p in paths if str(p) not in known]
+    names = list(idx.image_names) + [p.name for p in paths]
+    texts, cap_images = _read_captions(Path(captions) if captions else None, names)
+    # captions of already indexed images are kept only if new: skip exact duplicates
+    have = set(zip(idx.captions, idx.caption_image.tolist()))
+    keep = [i for i, (t, im) in enumerate(zip(texts, cap_images)) if (t, -1 if im is None else im) not in have]
+    texts, cap_images = [texts[i] for i in keep], [cap_images[i] for i in keep]
+    engine = ScoringEngine(model, "cpu")
+    bank = engine.image_bank(_extract(backbone, paths, progress)) if paths else None
+    tokens = _encode_captions(encoder, texts, progress)
+    with IndexWriter(idx.path) as w:
+        if bank is not None:
+            w.add_images(bank, [p.name for p in paths], [str(p) for p in paths])
+        if tokens is not None:
+            w.add_captions(tokens, texts, cap_images)
+    return len(paths), len(texts)

@@ -1,0 +1,310 @@
+"""Queries over an index: sentence -> images and image -> captions, exact under the full MMCA
+score, and the cross unit's word-to-region attention of one (sentence, image) pair.
+
+Text -> images. The caption side is one sentence: the text encoder runs once, then the engine
+turns it into a one-caption `TextBank`. The gallery side is the index's `ImageBank` fields:
+
+- resident (default when the float32 bank fits in `resident_limit` bytes): the whole bank is
+  in memory and `ScoringEngine.topk_images` runs on it directly;
+- memory-mapped (large galleries): i0 of every image is in memory; the images are ranked by
+  i0·c0 and the engine's exact top-k runs on a growing prefix of candidates gathered from
+  the memory-mapped shards. A prefix P suffices once the k-th best full score in P is above
+  the upper bound i0·c0 + α of every image outside P: no such image can enter the top k
+  (SPEC §5's bound), so the result equals the engine's top-k over the whole gallery. The prefix
+  is passed in id order, so ties still break by the lower id.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mmca.checkpoint import load_model
+from mmca.engine import ImageBank, ScoringEngine
+from mmca.errors import CheckpointError, DataError, MmcaError
+from mmca.search.index import GalleryIndex, backbone_identity, text_encoder_identity
+
+MAX_QUERY_CHARS = 1000
+MAX_K = 100
+MIN_SIDE = 16  # pixels; smaller images carry nothing the 224 px backbone can use
+MAX_SIDE = 12000
+MAX_PIXELS = 50_000_000
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+MAX_UPLOAD_BYTES = 16 * 1024 * 1024
+
+
+class QueryError(MmcaError):
+    """A query the user sent is not acceptable (the server answers 4xx)."""
+
+    def __init__(self, message: str, hint: str | None = None, status: int = 400):
+        super().__init__(message, hint)
+        self.status = status
+
+
+def check_text(text: Any) -> str:
+    if not isinstance(text, str):
+        raise QueryError("the query must be a string")
+    text = text.strip()
+    if not text:
+        raise QueryError("the query is empty", "type a sentence describing the photo")
+    if len(text) > MAX_QUERY_CHARS:
+        raise QueryError(f"the query has {len(text)} characters; at most {MAX_QUERY_CHARS} are accepted",
+                         "shorten the sentence", status=413)
+    return text
+
+
+def check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise QueryError(f"k must be an integer between 1 and {MAX_K}")
+    return k
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Untrusted image bytes -> (224, 224, 3) uint8 RGB, with the size checked from the header
+    before any pixel is decoded (a 20,000 x 20,000 file is refused without decoding it)."""
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise QueryError(f"the image is {len(data)} bytes; at most {MAX_UPLOAD_BYTES} are accepted", status=413)
+    if not data:
+        raise QueryError("the image is empty")
+    try:
+        im = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as err:
+        raise QueryError(f"the image is too large: {err}", status=413) from err
+    except (OSError, ValueError) as err:
+        raise QueryError("the file is not an image (JPEG, PNG, WEBP, BMP or GIF expected)",
+                         status=415) from err
+    with im:
+        if im.format not in IMAGE_FORMATS:
+            raise QueryError(f"unsupported image format {im.format}; use one of {', '.join(IMAGE_FORMATS)}", status=415)
+        w, h = im.size
+        if w > MAX_SIDE or h > MAX_SIDE or w * h > MAX_PIXELS:
+            raise QueryError(f"the image is {w}x{h} pixels; at most {MAX_SIDE} a side and "
+                             f"{MAX_PIXELS:,} pixels are accepted", status=413)
+        if w < MIN_SIDE or h < MIN_SIDE:
+            raise QueryError(f"the image is {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
+        try:
+            if im.format == "JPEG":
+                im.draft("RGB", (448, 448))  # decode at a reduced scale: faster, same result at 224
+            im = im.convert("RGB")
+            if im.size != (224, 224):
+                im = im.resize((224, 224), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise QueryError(f"the image cannot be decoded: {err}", status=415) from err
+
+
+@dataclass
+class SearchStats:
+    ms: float = 0.0
+    candidates: int = 0
+    pair_passes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Searcher:
+    """An index with its model, engine, text encoder and (lazily) image backbone, resident in
+    one process. Thread-safe: the model work runs under one lock (the CPU has 2 cores; the
+    tokenizer is not reentrant)."""
+
+    def __init__(self, index: str | Path | GalleryIndex, checkpoint: str | Path | None = None,
+                 resident: bool | None = None, resident_limit: int = 4 << 30,
+                 text_encoder: str | Path | None = None):
+        from mmca.features import TextEncoder
+
+        self.index = index if isinstance(index, GalleryIndex) else GalleryIndex(index)
+        self.checkpoint = self.index.resolve_checkpoint(checkpoint)
+        self.model, _ = load_model(self.checkpoint)
+        self.engine = ScoringEngine(self.model, "cpu", "fp32")
+        meta = self.index.meta
+        self.encoder = TextEncoder(text_encoder or meta.get("text_encoder_dir"), int(meta["text_encoder"]["max_tokens"]))
+        if text_encoder_identity(self.encoder.describe()) != meta["text_encoder"]:
+            raise CheckpointError(f"the text encoder {self.encoder.model_dir} differs from the one index "
+                                  f"{self.index.path} was built with", "pass the same --text-encoder, or rebuild the index")
+        self.i0 = self.index.i0()
+        n = self.index.num_images
+        fp32_bytes = self.index.storage_bytes * (2 if meta.get("storage") == "fp16" else 1)
+        self.resident = (fp32_bytes <= resident_limit) if resident is None else bool(resident)
+        self.bank = ImageBank(**self.index.all_images()) if self.resident and n else None
+        tokens = self.index.caption_tokens()
+        self.caption_bank = self.engine.text_bank(tokens) if tokens is not None else None
+        self._backbone = None
+        self.lock = threading.RLock()
+
+    # ---- helpers -----------------------------------------------------------------------
+    @property
+    def backbone(self):
+        if self._backbone is None:
+            from mmca.features import ImageBackbone
+            want = self.index.meta.get("backbone")
+            if want is None:
+                raise QueryError("this index holds precomputed features: image queries need an index built from images",
+                                 status=409)
+            bb = ImageBackbone(int(want["grid"]))
+            if backbone_identity(bb.describe()) != want:
+                raise CheckpointError("the installed image backbone differs from the index's", "rebuild the index")
+            self._backbone = bb
+        return self._backbone
+
+    def _encode(self, text: str):
+        ids, _ = self.encoder.tokenize([text])
+        tokens = self.encoder.encode_ids(ids)
+        tb = self.engine.text_bank(tokens)
+        return ids[0], tokens, tb
+
+    # ---- text -> images ----------------------------------------------------------------
+    @torch.no_grad()
+    def search_text(self, text: str, k: int = 10) -> tuple[list[dict[str, Any]], SearchStats]:
+        text, k = check_text(text), check_k(k)
+        if self.index.num_images == 0:
+            raise QueryError("the index holds no images", status=409)
+        with self.lock:
+            t0 = time.perf_counter()
+            passes0 = self.engine.pair_passes
+            _, _, tb = self._encode(text)
+            t_enc = time.perf_counter()
+            k = min(k, self.index.num_images)
+            if self.resident:
+                s, i = self.engine.topk_images(self.bank, tb, k)
+                scores, ids, cand = s[0], i[0], self.index.num_images
+            else:
+                scores, ids, cand = self._topk_gathered(tb, k)
+            stats = SearchStats((time.perf_counter() - t0) * 1e3, cand, self.engine.pair_passes - passes0,
+                                {"encode_ms": (t_enc - t0) * 1e3})
+        return [self._image_result(int(j), float(v)) for v, j in zip(scores.tolist(), ids.tolist())], stats
+
+    def _topk_gathered(self, tb, k: int):
+        g = self.i0 @ tb.c0[0]
+        gs, order = torch.sort(g, descending=True, stable=True)
+        slack = self.engine.slack
+        ncand = int((gs + slack >= gs[k - 1] - slack).sum())
+        c = min(ncand, max(4 * k, 64))
+        while True:
+            ids = torch.sort(order[:c]).values
+            sub = ImageBank(**self.index.image_rows(ids.numpy()))
+            s, i = self.engine.topk_images(sub, tb, k)
+            if c >= ncand or float(s[0, k - 1]) > float(gs[c]) + slack:
+                return s[0], ids[i[0]], c
+            c = min(ncand, 2 * c)
+
+    def _image_result(self, j: int, score: float) -> dict[str, Any]:
+        return {"id": j, "score": score, "name": self.index.image_names[j],
+                "has_file": self.index.image_paths[j] is not None}
+
+    # ---- image -> captions -------------------------------------------------------------
+    def _caption_results(self, bank: ImageBank, k: int) -> tuple[list[dict[str, Any]], SearchStats]:
+        if self.caption_bank is None:
+            raise QueryError("the index holds no captions to rank",
+                             "add a caption set: `mmca index --add --captions FILE --index DIR`", status=409)
+        t0 = time.perf_counter()
+        passes0 = self.engine.pair_passes
+        k = min(k, len(self.index.captions))
+        s, i = self.engine.topk_captions(bank, self.caption_bank, k)
+        stats = SearchStats((time.perf_counter() - t0) * 1e3, len(self.index.captions), self.engine.pair_passes - passes0)
+        out = []
+        for v, j in zip(s[0].tolist(), i[0].tolist()):
+            img = int(self.index.caption_image[j])
+            out.append({"id": int(j), "score": float(v), "text": self.index.captions[j],
+                        "image": None if img < 0 else img})
+        return out, stats
+
+    @torch.no_grad()
+    def search_image_array(self, rgb: np.ndarray, k: int = 10):
+        """(224, 224, 3) uint8 RGB -> top-k captions."""
+        k = check_k(k)
+        with self.lock:
+            t0 = time.perf_counter()
+            x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
+            regions = self.backbone.extract_grid(x).float()
+            bank = self.engine.image_bank(regions)
+            res, stats = self._caption_results(bank, k)
+            stats.ms = (time.perf_counter() - t0) * 1e3
+            return res, stats
+
+    def search_image_bytes(self, data: bytes, k: int = 10):
+        return self.search_image_array(decode_image(data), k)
+
+    def search_image_file(self, path: str | Path, k: int = 10):
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"image not found: {path}", "pass the path of an image file")
+        try:
+            return self.search_image_bytes(path.read_bytes(), k)
+        except QueryError as err:
+            raise DataError(f"{path}: {err.message}", err.hint) from err
+
+    @torch.no_grad()
+    def search_gallery_image(self, image_id: int, k: int = 10):
+        image_id, k = self.check_image_id(image_id), check_k(k)
+        with self.lock:
+            t0 = time.perf_counter()
+            bank = ImageBank(**self.index.image_rows([image_id]))
+            res, stats = self._caption_results(bank, k)
+            stats.ms = (time.perf_counter() - t0) * 1e3
+            return res, stats
+
+    def check_image_id(self, image_id: Any) -> int:
+        if isinstance(image_id, bool) or not isinstance(image_id, int) or not 0 <= image_id < self.index.num_images:
+            raise QueryError(f"no image {image_id!r} in this gallery", status=404)
+        return image_id
+
+    def image_path(self, image_id: Any) -> Path:
+        image_id = self.check_image_id(image_id)
+        p = self.index.image_paths[image_id]
+        if p is None or not Path(p).is_file():
+            raise QueryError(f"the file of image {image_id} is not available", status=404)
+        return Path(p)
+
+    # ---- heat map ----------------------------------------------------------------------
+    @torch.no_grad()
+    def heatmap(self, text: str, image_id: int) -> dict[str, Any]:
+        """For each token of `text`: the cross unit's attention (averaged over heads) of its row
+        over the region keys of image `image_id` -> weights (n_tokens, k) and the grid side."""
+        text, image_id = check_text(text), self.check_image_id(image_id)
+        with self.lock:
+            ids, tokens, tb = self._encode(text)
+            states, mask = tokens.batch([0])
+            r = self.index.image_rows([image_id], ("r",))["r"]
+            weights = cross_token_region_attention(self.model, r, states, mask)[0]
+            score = float(self.engine.pair_scores(self.bank_for([image_id]), tb, [0], [0])[0])
+        k = r.shape[1]
+        side = int(math.isqrt(k))
+        words = self.encoder.tokenizer.convert_ids_to_tokens(ids)
+        return {"image": image_id, "tokens": words, "grid": side if side * side == k else None,
+                "regions": k, "weights": weights.tolist(), "region_mass": weights.sum(1).tolist(),
+                "score": score}
+
+    def bank_for(self, ids) -> ImageBank:
+        return ImageBank(**self.index.image_rows(ids))
+
+    def info(self) -> dict[str, Any]:
+        d = self.index.describe()
+        d.update({"resident": self.resident, "max_query_chars": MAX_QUERY_CHARS, "max_k": MAX_K,
+                  "max_upload_bytes": MAX_UPLOAD_BYTES})
+        return d
+
+
+def cross_token_region_attention(model, r: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The cross unit's attention weights of each token row over the region keys, averaged
+    over heads: r (B, k, d) projected regions, tokens (B, n, D_txt) frozen states, mask (B, n)
+    -> (B, n, k). Computed from the unit's own `qkv` exactly as its forward pass does (the
+    softmax runs over all k + n keys, padded tokens masked)."""
+    unit = model.cross_unit
+    e = model.token_fc(tokens)
+    y = torch.cat([r, e], dim=1)
+    q, kk, _ = (unit.split_heads(t) for t in unit.qkv(y).chunk(3, dim=-1))
+    logits = (q @ kk.transpose(-1, -2)) / math.sqrt(unit.d // unit.heads)
+    key_mask = torch.cat([mask.new_ones(mask.shape[0], r.shape[1]), mask], dim=1)
+    logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    att = F.softmax(logits, dim=-1)  # (B, h, k + n, k + n)
+    k = r.shape[1]
+    return att[:, :, k:, :k].mean(dim=1)
