@@ -90,7 +90,7 @@ def build_from_dataset(out: str | Path, checkpoint: str | Path, root: str | Path
     engine = ScoringEngine(model, "cpu")
     meta = _meta(ckpt, model, backbone, encoder, storage,
                  {"kind": "dataset", "root": str(Path(root).resolve()), "split": split, "limit": limit})
-    bank = engine.image_bank(ds.image_features[:n])
+    bank = engine.image_bank(np.array(ds.image_features[:n], dtype=np.float32))
     states = ds.token_features
     sub = TokenFeatures(*_ragged_subset(states, cap))
     with IndexWriter(out, meta, overwrite) as w:

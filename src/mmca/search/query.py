@@ -98,7 +98,7 @@ def decode_image(data: bytes) -> np.ndarray:
             im = im.convert("RGB")
             if im.size != (224, 224):
                 im = im.resize((224, 224), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
+            return np.array(im, dtype=np.uint8)  # a writable copy
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise QueryError(f"the image cannot be decoded: {err}", status=415) from err
 

@@ -1,0 +1,71 @@
+"""Fixtures for the search tests: a small random-weight checkpoint (real feature dims, small d)
+and an index of ~20 real Flickr8k photos with their captions, built once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmca.checkpoint import save_checkpoint
+from mmca.config import ModelConfig
+from mmca.model import MMCA
+
+SHARED_DATA = Path(os.environ.get("MMCA_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+N_IMAGES = 20
+
+
+def small_checkpoint(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    return save_checkpoint(path, MMCA(ModelConfig(d=64, heads=4, cnn_filters=32)))
+
+
+@pytest.fixture(scope="session")
+def flickr8k() -> Path:
+    path = SHARED_DATA / "flickr8k"
+    if not path.exists():
+        pytest.skip(f"shared sample data not found at {path} (set MMCA_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gallery(flickr8k: Path, tmp_path_factory) -> Path:
+    """A folder of the first N dev photos and a captions.tsv with their captions."""
+    folder = tmp_path_factory.mktemp("gallery")
+    names = (flickr8k / "splits" / "dev.txt").read_text().split()[:N_IMAGES]
+    for name in names:
+        shutil.copy(flickr8k / "images" / name, folder / name)
+    keep = set(names)
+    lines = [line for line in (flickr8k / "captions.tsv").read_text(encoding="utf-8").splitlines()
+             if line.split("\t", 1)[0] in keep]
+    (folder / "captions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    return small_checkpoint(tmp_path_factory.mktemp("ckpt") / "small.pt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_checkpoint(tmp_path_factory) -> Path:
+    return small_checkpoint(tmp_path_factory.mktemp("ckpt2") / "other.pt", seed=1)
+
+
+@pytest.fixture(scope="session")
+def index_dir(gallery: Path, checkpoint: Path, tmp_path_factory) -> Path:
+    from mmca.search import build_from_folder
+    out = tmp_path_factory.mktemp("indexes") / "gallery"
+    build_from_folder(out, checkpoint, gallery, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def searcher(index_dir: Path):
+    from mmca.search import Searcher
+    return Searcher(index_dir)
