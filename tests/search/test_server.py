@@ -91,7 +91,7 @@ def test_bad_inputs_are_4xx_json_and_the_server_keeps_serving(client):
         (client.post("/api/search_image", files={"file": ("a.png", image_bytes(64, 64), "image/png")}, data={"k": "x"}), 400, "k must be"),
         (client.get("/api/image/999"), 404, "no image"),
         (client.get("/api/image/-1"), 404, "no image"),
-        (client.get("/api/image/..%2F..%2Fetc%2Fpasswd"), 404, "no image"),
+        (client.get("/api/image/..%2F..%2Fetc%2Fpasswd"), 404, ""),
         (client.get("/api/image/%2e%2e"), 404, ""),
         (client.get("/static/..%2F..%2Fquery.py"), 404, ""),
         (client.get("/api/gallery?limit=100000"), 400, "limit"),
