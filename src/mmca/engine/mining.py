@@ -138,6 +138,10 @@ def mined_loss(model, regions, tokens, mask, margin: float = 0.2, same_image=Non
         raise ValueError(f"kind must be 'max' or 'sum', not {kind!r}")
     r, i0 = model.encode_image(regions)
     e, c0 = model.encode_text(tokens, mask)
+    if not model.alpha:  # S = i0·c0: the whole B x B matrix is one product, nothing to mine
+        if stats is not None:
+            stats.update(mined_pairs=0, recomputed_pairs=0)
+        return max_violation_loss(i0 @ c0.T, margin, same_image)
     engine = ScoringEngine(model, device=regions.device, precision=precision, block_pairs=block_pairs)
     with inference_mode(model):
         images, texts = _batch_banks(engine, r, i0, e, c0, mask)

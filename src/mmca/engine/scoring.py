@@ -176,6 +176,8 @@ class ScoringEngine:
         j = _as_index(text_index, self.device)
         if a.shape != j.shape:
             raise ValueError("image_index and text_index must have the same length")
+        if not self.alpha:  # S = i0·c0, the same float the pair kernel would compute
+            return (images.i0[a] * texts.c0[j]).sum(dim=-1)
         out = torch.empty(len(a), dtype=torch.float32, device=self.device)
         if not len(a):
             return out
