@@ -6,6 +6,7 @@ import torch
 
 from mmca.config import ModelConfig
 from mmca.engine import ScoringEngine, exhaustive_loss, mined_loss
+from mmca.metrics import retrieval_metrics
 from mmca.model import MMCA, reference_score
 
 SMALL = ModelConfig(img_dim=24, txt_dim=20, d=32, heads=4, cnn_filters=16, dropout=0.0)
@@ -129,7 +130,8 @@ def test_shortlist_is_exact_with_the_whole_gallery_and_reports_its_gap(small):
     short = engine.ranks(images, texts, ci, mode="shortlist", shortlist_k=2)
     assert short.exact_below is None
     assert short.pair_passes == 2 * len(texts) + 2 * len(images)
-    gap = {k: short.recalls()[k] - ex.recalls()[k] for k in ex.recalls()}
+    got, want = (retrieval_metrics(r.i2t, r.t2i, r.exact_below) for r in (short, ex))
+    gap = {k: got[k] - want[k] for k in want}
     assert all(np.isfinite(v) for v in gap.values())
 
 
@@ -159,6 +161,38 @@ def test_bf16_is_close_and_never_default(small):
     assert diff < 0.05 * SMALL.alpha + 1e-3
 
 
+@pytest.mark.parametrize("storage", ["bf16", "fp16"])
+def test_low_precision_storage_is_opt_in_close_and_consistent(small, storage):
+    """Banks stored in 16 bits under fp32 compute: half the bytes, scores near the fp32 ones,
+    and the exact pruned ranks still equal the exhaustive ones on the same banks."""
+    model, engine, images, texts, regions, tokens, mask, ci = small
+    assert engine.storage == "fp32" and engine.storage_dtype == torch.float32
+    assert images.q.dtype == torch.float32 and texts.buckets[0].e.dtype == torch.float32
+    low = ScoringEngine(model, block_pairs=16, granule=8, storage=storage)
+    assert low.dtype == torch.float32
+    li, lt = low.image_bank(regions), low.text_bank((tokens, mask))
+    assert li.q.dtype == lt.buckets[0].q.dtype == getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[storage])
+    assert li.i0.dtype == lt.c0.dtype == li.m.dtype == torch.float32
+    assert lt.nbytes < 0.6 * texts.nbytes
+    diff = (low.full_scores(li, lt) - engine.full_scores(images, texts)).abs().max()
+    assert 0 < diff < 0.05 * SMALL.alpha
+    ex = low.ranks(li, lt, ci, mode="exhaustive")
+    pr = low.ranks(li, lt, ci, mode="exact", image_block=5)
+    assert np.array_equal(ex.i2t, pr.i2t) and np.array_equal(ex.t2i, pr.t2i)
+    with pytest.raises(ValueError):
+        ScoringEngine(model, storage="int8")
+
+
+def test_exact_blocks_stream_the_exact_ranks(small):
+    from mmca.engine.ranking import exact_blocks
+    _, engine, images, texts, *_, ci = small
+    ex = engine.ranks(images, texts, ci, mode="exhaustive")
+    steps = list(exact_blocks(engine, images, texts, torch.as_tensor(ci), image_block=5))
+    assert [done for *_, done in steps] == [0, 5, 10, 12]
+    i2t, t2i, _ = steps[-1]
+    assert np.array_equal(i2t.numpy(), ex.i2t) and np.array_equal(t2i.numpy(), ex.t2i)
+
+
 def test_memory_bounded_streaming_gives_identical_results(small):
     model, _, images, texts, *_, ci = small
     big = ScoringEngine(model, block_pairs=256, granule=8)
@@ -169,11 +203,7 @@ def test_memory_bounded_streaming_gives_identical_results(small):
 
 
 def batch(config, b=10, k=7, n_max=11, seed=5, duplicate=True):
-    g = torch.Generator().manual_seed(seed)
-    regions = torch.randn(b, k, config.img_dim, generator=g)
-    lengths = torch.randint(1, n_max + 1, (b,), generator=g)
-    tokens = torch.randn(b, n_max, config.txt_dim, generator=g)
-    mask = torch.arange(n_max)[None] < lengths[:, None]
+    regions, tokens, mask, _ = make_gallery(config, b, 1, k, n_max, seed, ties=False)
     same = None
     if duplicate:  # pairs 2 and 3 share one photo
         regions[3] = regions[2]

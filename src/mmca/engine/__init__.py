@@ -4,7 +4,7 @@ training loss."""
 
 from mmca.engine.bank import ImageBank, TextBank
 from mmca.engine.mining import exhaustive_loss, exhaustive_scores, mined_loss
-from mmca.engine.ranking import RankResult, recall_at
+from mmca.engine.ranking import RankResult
 from mmca.engine.scoring import ScoringEngine
 
 __all__ = [
@@ -15,5 +15,4 @@ __all__ = [
     "exhaustive_loss",
     "exhaustive_scores",
     "mined_loss",
-    "recall_at",
 ]

@@ -2,10 +2,22 @@
 caption only, computed once per item instead of once per pair.
 
 For an image: R (the FC-projected regions, the residual of the cross unit), i0, the cross
-unit's Q/K/V of R, and the softmax statistics of the region-region attention block (row
-max, sum of exp, exp-weighted V). For a caption: the same for E' and the token-token block,
-plus c0. A pair then only needs its two cross blocks (Q_r·K_eᵀ and Q_e·K_rᵀ), merged with the
-per-item statistics by the log-sum-exp rule (`mmca.engine.pairs`).
+unit's Q/K/V of R, and the softmax statistics of the region-region attention block (row max,
+sum of exp, exp-weighted V). For a caption: E', its mask, the cross unit's Q/K/V of E' and c0.
+A pair then only needs its two cross blocks (Q_r·K_eᵀ and Q_e·K_rᵀ), merged with the own
+blocks by the log-sum-exp rule (`mmca.engine.pairs`).
+
+What a caption does not store, because the pair kernel derives it per block for a fraction of
+the pair's cost: the token-token block's softmax statistics (an L x L block, ~1% of a pair's
+arithmetic at L ~ 16, against 20% of the whole bank's memory) and the key bias of the padding
+(from the mask). An image keeps its statistics: its k x k block is 5x bigger and small in
+memory next to the captions'.
+
+Storage dtype: bank tensors are kept in `storage` (default: the compute dtype); the pair
+kernel casts the rows of a block to the compute dtype. A lower storage dtype than float32 under
+float32 compute is an opt-in approximation (scores move by the rounding of the stored rows;
+ranks stay consistent between the engine's modes on the same banks); it is never chosen
+implicitly. i0, c0 and the softmax statistics are always float32.
 
 Captions are stored in length buckets: every caption is padded to its bucket's length, always
 the same one, so a pair's score is computed with the same shapes whichever block it falls in
@@ -21,51 +33,52 @@ import numpy as np
 import torch
 
 NEG = float("-inf")
+IMAGE_FIELDS = ("r", "i0", "q", "k", "v", "m", "l", "o")
+TEXT_FIELDS = ("captions", "e", "mask", "q", "k", "v")
+
+
+class _Rows:
+    """A bank part whose tensors `FIELDS` all have one row per item."""
+
+    FIELDS: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return getattr(self, self.FIELDS[0]).shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(getattr(self, f)) for f in self.FIELDS)
 
 
 @dataclass
-class ImageBank:
+class ImageBank(_Rows):
     """Per-image parts, all (N, ...) on one device. Q is pre-scaled by 1/sqrt(d/h)."""
+
+    FIELDS = IMAGE_FIELDS
 
     r: torch.Tensor  # (N, k, d) residual input of the cross unit
     i0: torch.Tensor  # (N, d) float32, unit
     q: torch.Tensor  # (N, h, k, dh)
     k: torch.Tensor  # (N, h, k, dh)
     v: torch.Tensor  # (N, h, k, dh)
-    m: torch.Tensor  # (N, h, k) row max of the region-region logits
-    l: torch.Tensor  # (N, h, k) sum of exp(logit - m)
+    m: torch.Tensor  # (N, h, k) float32 row max of the region-region logits
+    l: torch.Tensor  # (N, h, k) float32 sum of exp(logit - m)
     o: torch.Tensor  # (N, h, k, dh) exp-weighted V, unnormalised
-
-    def __len__(self) -> int:
-        return self.r.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in
-                   (self.r, self.i0, self.q, self.k, self.v, self.m, self.l, self.o))
 
 
 @dataclass
-class TextBucket:
+class TextBucket(_Rows):
     """Captions padded to one common length `length`."""
 
+    FIELDS = TEXT_FIELDS
+
     length: int
-    captions: torch.Tensor  # (Mb,) int64, global caption index of each row
+    captions: torch.Tensor  # (Mb,) int64, position of each row in the text bank
     e: torch.Tensor  # (Mb, L, d) E'; zero on padded rows
     mask: torch.Tensor  # (Mb, L) bool, True on real tokens
     q: torch.Tensor  # (Mb, h, L, dh), pre-scaled
     k: torch.Tensor
     v: torch.Tensor
-    m: torch.Tensor  # (Mb, h, L)
-    l: torch.Tensor
-    o: torch.Tensor  # (Mb, h, L, dh)
-    key_bias: torch.Tensor  # (Mb, 1, 1, L) 0 on real tokens, -inf on padding
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in
-                   (self.captions, self.e, self.mask, self.q, self.k, self.v, self.m, self.l,
-                    self.o, self.key_bias))
 
 
 @dataclass
@@ -85,7 +98,11 @@ class TextBank:
 
     @property
     def nbytes(self) -> int:
-        return self.c0.numel() * 4 + sum(b.nbytes for b in self.buckets)
+        return _nbytes(self.c0) + sum(b.nbytes for b in self.buckets)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def bucket_length(n: int, granule: int) -> int:
@@ -93,17 +110,22 @@ def bucket_length(n: int, granule: int) -> int:
     return int(math.ceil(n / granule) * granule)
 
 
-def _self_stats(unit, x: torch.Tensor, key_mask: torch.Tensor | None):
-    """Q (pre-scaled), K, V of x (B, L, d) and the softmax statistics of x attending to itself.
-    -> q, k, v (B, h, L, dh), m, l (B, h, L), o (B, h, L, dh)."""
+def project_qkv(unit, x: torch.Tensor):
+    """The cross unit's Q (pre-scaled by 1/sqrt(d/h)), K, V of rows x (B, L, d), each as a
+    (B, h, L, dh) view of one fused projection."""
     q, k, v = (unit.split_heads(t) for t in unit.qkv(x).chunk(3, dim=-1))
-    q = q * (1.0 / math.sqrt(unit.d // unit.heads))
+    return q * (1.0 / math.sqrt(unit.d // unit.heads)), k, v
+
+
+def own_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None):
+    """Softmax statistics of rows attending to their own item's keys: q, k, v (B, h, L, dh),
+    key_mask (B, L) or None -> m, l (B, h, L) float32 and o (B, h, L, dh) in v's dtype."""
     logits = q @ k.transpose(-1, -2)  # (B, h, L, L)
     if key_mask is not None:
-        logits = logits.masked_fill(~key_mask[:, None, None, :], NEG)
+        logits = logits.masked_fill_(~key_mask[:, None, None, :], NEG)
     m = logits.amax(dim=-1)
-    p = torch.exp(logits - m.unsqueeze(-1))
-    return q.contiguous(), k.contiguous(), v.contiguous(), m, p.sum(dim=-1), p @ v
+    p = torch.exp_(logits - m.unsqueeze(-1))
+    return m.float(), p.sum(dim=-1, dtype=torch.float32), p @ v
 
 
 @torch.no_grad()
@@ -116,47 +138,67 @@ def build_image_bank(model, regions: torch.Tensor, dtype: torch.dtype = torch.fl
 @torch.no_grad()
 def image_bank_from_encoded(model, r: torch.Tensor, i0: torch.Tensor,
                             dtype: torch.dtype = torch.float32) -> ImageBank:
-    """ImageBank from already projected regions R (N, k, d) and i0 (N, d)."""
+    """ImageBank from already projected regions R (N, k, d) and i0 (N, d); the row tensors
+    stored in `dtype`."""
     r, i0 = r.detach(), i0.detach()
-    q, k, v, m, l, o = _self_stats(model.cross_unit, r, None)
+    q, k, v = project_qkv(model.cross_unit, r)
+    m, l, o = own_stats(q, k, v, None)
     cast = lambda t: t.to(dtype).contiguous()  # noqa: E731
     return ImageBank(cast(r), i0.float().contiguous(), cast(q), cast(k), cast(v),
-                     m.float().contiguous(), l.float().contiguous(), cast(o))
+                     m.contiguous(), l.contiguous(), cast(o))
 
 
-def concat_image_banks(parts: list[ImageBank]) -> ImageBank:
-    if len(parts) == 1:
-        return parts[0]
-    return ImageBank(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                       ("r", "i0", "q", "k", "v", "m", "l", "o")))
+def empty_image_bank(n: int, k: int, d: int, heads: int, dtype: torch.dtype, device) -> ImageBank:
+    """An uninitialised bank of n images, to be filled chunk by chunk (no transient copy)."""
+    rows = lambda: torch.empty(n, heads, k, d // heads, dtype=dtype, device=device)  # noqa: E731
+    stat = lambda: torch.empty(n, heads, k, device=device)  # noqa: E731
+    return ImageBank(torch.empty(n, k, d, dtype=dtype, device=device),
+                     torch.empty(n, d, device=device), rows(), rows(), rows(), stat(), stat(), rows())
+
+
+def fill_image_bank(bank: ImageBank, start: int, part: ImageBank) -> None:
+    for f in IMAGE_FIELDS:
+        getattr(bank, f)[start:start + len(part)] = getattr(part, f)
 
 
 @torch.no_grad()
 def build_text_bucket(model, tokens: torch.Tensor, mask: torch.Tensor, captions: torch.Tensor,
                       length: int, dtype: torch.dtype = torch.float32):
     """Tokens (B, n, D_txt) with mask (B, n), n <= length -> (TextBucket padded to `length`, c0)."""
-    b, n, _ = tokens.shape
+    tokens, mask = pad_tokens(tokens, mask, length)
+    e, c0 = model.encode_text(tokens, mask)
+    return text_bucket_from_encoded(model, e, c0, mask, captions, dtype)
+
+
+def pad_tokens(tokens: torch.Tensor, mask: torch.Tensor, length: int):
+    """(B, n, D), (B, n) -> padded or cut to `length` positions (cut positions must be padding)."""
+    n = tokens.shape[1]
     if n < length:
         tokens = torch.nn.functional.pad(tokens, (0, 0, 0, length - n))
         mask = torch.nn.functional.pad(mask, (0, length - n), value=False)
-    tokens = tokens[:, :length]
-    mask = mask[:, :length]
-    e, c0 = model.encode_text(tokens, mask)
-    return text_bucket_from_encoded(model, e, c0, mask, captions, dtype)
+    return tokens[:, :length], mask[:, :length]
 
 
 @torch.no_grad()
 def text_bucket_from_encoded(model, e: torch.Tensor, c0: torch.Tensor, mask: torch.Tensor,
                              captions: torch.Tensor, dtype: torch.dtype = torch.float32):
     """(TextBucket, c0) from already projected tokens E' (B, L, d) with mask (B, L); the
-    bucket length is L."""
-    e, c0 = e.detach(), c0.detach()
+    bucket length is L and its row tensors are stored in `dtype`."""
     b, length = mask.shape
+    unit = model.cross_unit
+    bucket = TextBucket(length, captions, torch.empty(b, length, unit.d, dtype=dtype, device=e.device),
+                        mask.contiguous(), *(torch.empty(b, unit.heads, length, unit.d // unit.heads,
+                                                         dtype=dtype, device=e.device) for _ in range(3)))
+    fill_text_bucket(model, bucket, 0, e.detach(), mask)
+    return bucket, c0.detach().float()
+
+
+def fill_text_bucket(model, bucket: TextBucket, start: int, e: torch.Tensor, mask: torch.Tensor) -> None:
+    """Write rows start:start+B of a bucket from E' (B, L, d) and its mask: E' with padded
+    rows zeroed, and its Q/K/V, cast to the bucket's dtype on the way in."""
+    stop = start + len(e)
     e = e * mask.unsqueeze(-1).to(e.dtype)  # padded rows carry no value
-    q, k, v, m, l, o = _self_stats(model.cross_unit, e, mask)
-    key_bias = torch.zeros(b, 1, 1, length, dtype=dtype, device=e.device).masked_fill(
-        ~mask[:, None, None, :], NEG)
-    cast = lambda t: t.to(dtype).contiguous()  # noqa: E731
-    bucket = TextBucket(length, captions, cast(e), mask.contiguous(), cast(q), cast(k), cast(v),
-                        m.float().contiguous(), l.float().contiguous(), cast(o), key_bias)
-    return bucket, c0.float()
+    bucket.e[start:stop] = e
+    bucket.mask[start:stop] = mask
+    for dst, src in zip((bucket.q, bucket.k, bucket.v), project_qkv(model.cross_unit, e)):
+        dst[start:stop] = src

@@ -23,9 +23,13 @@ import torch
 
 from mmca.config import ModelConfig
 from mmca.engine.mining import exhaustive_loss, mined_loss
-from mmca.engine.ranking import RankResult, _bounds, _thresholds
+from mmca.engine.ranking import exact_blocks
 from mmca.engine.scoring import ScoringEngine, inference_mode
+from mmca.metrics import DIRECTIONS, RECALL_AT, retrieval_metrics
 from mmca.model import MMCA
+
+# R@1/5/10 of both directions and rsum: determined by ranks exact below 10 (`mmca.metrics`)
+RECALL_KEYS = tuple(f"{d}_r{k}" for d in DIRECTIONS for k in RECALL_AT) + ("rsum",)
 
 
 class RandomImages:
@@ -176,22 +180,23 @@ def bench_ranks(model, args, log) -> dict:
         kw = dict({"mode": "exact"}, **kw)
         results[name] = eng.ranks(ib, tb, caption_image, **kw)
         out[f"{name}_s"] = time.perf_counter() - t
-    rec_ex = ex.recalls()
+    metrics = {name: retrieval_metrics(res.i2t, res.t2i, res.exact_below)
+               for name, res in results.items()}
+    rec_ex = {k: metrics["exhaustive"][k] for k in RECALL_KEYS}
     for name, res in results.items():
         out[f"{name}_pair_fraction"] = res.pair_passes / total
-        out[f"{name}_recalls"] = res.recalls()
+        out[f"{name}_recalls"] = {k: metrics[name][k] for k in RECALL_KEYS}
     out["exact_ranks_identical"] = bool(np.array_equal(ex.i2t, results["exact"].i2t)
                                         and np.array_equal(ex.t2i, results["exact"].t2i))
     capped = results["exact_max_rank_10"]
     out["exact_max_rank_10_identical_below_10"] = bool(
         np.array_equal(np.minimum(ex.i2t, 10), capped.i2t) and np.array_equal(np.minimum(ex.t2i, 10), capped.t2i))
-    gap = {k: results["shortlist_100"].recalls()[k] - v for k, v in rec_ex.items()}
-    out["shortlist_100_recall_gap"] = gap
+    out["shortlist_100_recall_gap"] = {k: metrics["shortlist_100"][k] - v for k, v in rec_ex.items()}
     log(f"(c) ranks on {what}: exhaustive {total} pair passes, R@1/5/10 i2t "
-        f"{rec_ex['i2t_R@1']:.1f}/{rec_ex['i2t_R@5']:.1f}/{rec_ex['i2t_R@10']:.1f} t2i "
-        f"{rec_ex['t2i_R@1']:.1f}/{rec_ex['t2i_R@5']:.1f}/{rec_ex['t2i_R@10']:.1f}")
+        f"{rec_ex['i2t_r1']:.1f}/{rec_ex['i2t_r5']:.1f}/{rec_ex['i2t_r10']:.1f} t2i "
+        f"{rec_ex['t2i_r1']:.1f}/{rec_ex['t2i_r5']:.1f}/{rec_ex['t2i_r10']:.1f}")
     for name in ("exact", "exact_max_rank_10", "shortlist_100"):
-        r = results[name].recalls()
+        r = out[f"{name}_recalls"]
         same = "identical" if all(abs(r[k] - rec_ex[k]) < 1e-9 for k in rec_ex) else "DIFFERENT"
         log(f"    {name:18s} pair passes {out[name + '_pair_fraction']:.2%} of exhaustive, "
             f"{out[name + '_s']:.1f} s, recalls {same} (rsum {r['rsum']:.2f} vs {rec_ex['rsum']:.2f})")
@@ -205,7 +210,7 @@ def memory_child(args) -> dict:
     limit; report peak RSS."""
     torch.manual_seed(0)
     model = MMCA(ModelConfig(dropout=0.0, d=args.d, heads=args.heads)).eval()
-    eng = ScoringEngine(model, device=args.device)
+    eng = ScoringEngine(model, device=args.device, storage=args.big_storage)
     t0 = time.perf_counter()
     ib = eng.image_bank(RandomImages(args.big_images, args.regions, model.config.img_dim, seed=41))
     tb = eng.text_bank(RandomTokens(args.big_captions, model.config.txt_dim, seed=42))
@@ -213,23 +218,21 @@ def memory_child(args) -> dict:
     per = args.big_captions // args.big_images
     gimg = torch.as_tensor(np.arange(args.big_captions) // per, device=eng.device)
     t0 = time.perf_counter()
-    tau, sigma = _thresholds(eng, ib, tb, gimg)
-    done_images, passes, t1 = 0, 0, time.perf_counter()
-    block = args.big_image_block
-    for s in range(0, len(ib), block):
-        e = min(len(ib), s + block)
-        _, _, maybe_t, _, maybe_i = _bounds(eng, ib, tb, gimg, s, e, tau, sigma)
-        ii, jj = (maybe_t | maybe_i).nonzero(as_tuple=True)
-        eng.pair_scores(ib, tb, ii + s, jj)
-        passes += len(ii)
-        done_images = e
+    done_images, t1 = 0, None
+    # the exact pruned ranking pass itself (thresholds, then image blocks), stopped at the limit
+    for _, _, done_images in exact_blocks(eng, ib, tb, gimg, args.big_image_block):
+        if t1 is None:  # first yield: the thresholds' pair passes are done
+            t1, start_passes = time.perf_counter(), eng.pair_passes
+            continue
         if time.perf_counter() - t1 > args.big_seconds:
             break
+    passes = eng.pair_passes - start_passes
     elapsed = time.perf_counter() - t0
     rate = passes / max(time.perf_counter() - t1, 1e-9)
     remaining = len(ib) * len(tb) * (passes / max(done_images * len(tb), 1)) - passes
     return {
         "gallery": f"{args.big_images} x {args.big_captions}",
+        "storage": eng.storage,
         "bank_gib": (ib.nbytes + tb.nbytes) / 2**30,
         "bank_build_s": build_s,
         "images_done": done_images,
@@ -251,7 +254,7 @@ def bench_memory(args, log) -> dict:
         return {"error": res.stderr[-2000:]}
     out = json.loads(res.stdout.strip().splitlines()[-1])
     log(f"(d) {out['gallery']} random gallery, exact pruning, image blocks of {args.big_image_block}: "
-        f"banks {out['bank_gib']:.2f} GiB (built in {out['bank_build_s']:.0f} s), "
+        f"banks ({out['storage']} storage) {out['bank_gib']:.2f} GiB (built in {out['bank_build_s']:.0f} s), "
         f"peak RSS {out['peak_rss_gib']:.2f} GiB; ran {out['images_done']} images' blocks "
         f"({out['pair_passes_done']} pair passes, {out['pairs_per_s']:.0f} pairs/s, undecided "
         f"{out['undecided_fraction_so_far']:.1%}) in the {args.big_seconds:.0f} s limit; the whole "
@@ -263,7 +266,8 @@ def _memory_argv(args) -> list[str]:
     return [f"--{k.replace('_', '-')}={v}" for k, v in
             (("big_images", args.big_images), ("big_captions", args.big_captions),
              ("big_seconds", args.big_seconds), ("big_image_block", args.big_image_block),
-             ("device", args.device), ("regions", args.regions), ("d", args.d), ("heads", args.heads))]
+             ("device", args.device), ("regions", args.regions), ("d", args.d), ("heads", args.heads))
+            + ((("big_storage", args.big_storage),) if args.big_storage else ())]
 
 
 def main_memory(argv) -> None:
@@ -294,6 +298,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--big-captions", type=int, default=25000)
     parser.add_argument("--big-seconds", type=float, default=60.0)
     parser.add_argument("--big-image-block", type=int, default=4)
+    parser.add_argument("--big-storage", choices=("fp32", "bf16", "fp16"), default=None,
+                        help="bank storage dtype for (d) (default: fp32, exact; bf16/fp16 are an "
+                             "opt-in approximation with fp32 compute)")
     parser.add_argument("--skip-big", action="store_true", help="skip (d)")
     parser.add_argument("--only", default="abcd", help="subset of the parts to run, e.g. 'ac'")
     parser.add_argument("--json", default=None, help="also write the results to this file")
@@ -334,4 +341,4 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["RankResult", "add_arguments", "run"]
+__all__ = ["add_arguments", "run"]

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from mmca.engine.bank import bucket_length, image_bank_from_encoded, text_bucket_from_encoded
-from mmca.engine.bank import TextBank
+from mmca.engine.bank import (TextBank, bucket_length, image_bank_from_encoded, pad_tokens,
+                              text_bucket_from_encoded)
 from mmca.engine.scoring import ScoringEngine, inference_mode
 from mmca.loss import max_violation_loss, sum_violation_loss
 
@@ -62,21 +62,16 @@ def exhaustive_loss(model, regions, tokens, mask, margin: float = 0.2, same_imag
 def _batch_banks(engine: ScoringEngine, r, i0, e, c0, mask):
     """Image and text banks of one batch from its encoded (detached) items."""
     model = engine.model
-    images = image_bank_from_encoded(model, r, i0, engine.dtype)
+    images = image_bank_from_encoded(model, r, i0, engine.storage_dtype)
     lengths = mask.sum(1).cpu().numpy()
     padded = np.array([bucket_length(int(n), engine.length_granule) for n in lengths])
-    n = mask.shape[1]
     bsz = len(lengths)
     buckets, bucket_of, row_of = [], np.zeros(bsz, np.int64), np.zeros(bsz, np.int64)
     for length in np.unique(padded):
         members = np.nonzero(padded == length)[0]
         idx = torch.as_tensor(members, device=e.device)
-        ee, mm = e[idx], mask[idx]
-        if length > n:
-            ee = torch.nn.functional.pad(ee, (0, 0, 0, int(length) - n))
-            mm = torch.nn.functional.pad(mm, (0, int(length) - n), value=False)
-        bucket, _ = text_bucket_from_encoded(model, ee[:, :length], c0[idx], mm[:, :length], idx,
-                                             engine.dtype)
+        ee, mm = pad_tokens(e[idx], mask[idx], int(length))
+        bucket, _ = text_bucket_from_encoded(model, ee, c0[idx], mm, idx, engine.storage_dtype)
         bucket_of[members] = len(buckets)
         row_of[members] = np.arange(len(members))
         buckets.append(bucket)

@@ -5,7 +5,9 @@ For P pairs (image a_p, caption b_p) of one caption length bucket L:
   region rows:  logits = [Q_r K_rᵀ | Q_r K_eᵀ]; the first block's softmax statistics come from
                 the image bank, the second is computed here, the two are merged with the
                 log-sum-exp rule (max, rescaled sums, rescaled exp-weighted V);
-  token rows:   logits = [Q_e K_rᵀ | Q_e K_eᵀ]; likewise with the caption bank's statistics;
+  token rows:   logits = [Q_e K_eᵀ | Q_e K_rᵀ]; likewise, the own block's statistics derived
+                here from the caption's Q/K/V (an L x L block: cheap, and not worth its
+                memory in the bank);
 
 then the output projection, residual + LayerNorm, FFN, residual + LayerNorm on the k region
 rows and the L token rows (never concatenated), the mean of the region rows -> i1, and the
@@ -22,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmca.engine.bank import ImageBank, TextBucket
+from mmca.engine.bank import ImageBank, TextBucket, own_stats
 
 
 class CrossWeights:
@@ -51,16 +53,16 @@ class CrossWeights:
         self.head_norm = None if ln is None else (cast(ln.weight), cast(ln.bias), ln.eps)
 
 
-def _merge(q, k, v, bias, m0, l0, o0):
+def _merge(q, k, v, key_mask, m0, l0, o0):
     """Attention of queries q (P, h, Lq, dh) over [own keys | other keys k, v (P, h, Lk, dh)]:
     the own block is given by its statistics m0, l0 (P, h, Lq) and o0 (P, h, Lq, dh);
-    `bias` (P, 1, 1, Lk) or None masks the other keys. -> normalised output (P, h, Lq, dh)."""
+    `key_mask` (P, Lk) bool or None masks the other keys. -> normalised output (P, h, Lq, dh)."""
     logits = q @ k.transpose(-1, -2)  # (P, h, Lq, Lk)
-    if bias is not None:
-        logits = logits + bias
+    if key_mask is not None:
+        logits.masked_fill_(~key_mask[:, None, None, :], float("-inf"))
     m1 = logits.amax(dim=-1).float()
     m = torch.maximum(m0, m1)
-    p = torch.exp(logits - m.unsqueeze(-1).to(logits.dtype))
+    p = torch.exp_(logits - m.unsqueeze(-1).to(logits.dtype))
     w0 = torch.exp(m0 - m)  # rescale of the own block
     den = l0 * w0 + p.sum(dim=-1, dtype=torch.float32)
     num = torch.baddbmm(
@@ -108,19 +110,24 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 def score_block(w: CrossWeights, images: ImageBank, bucket: TextBucket, c0: torch.Tensor,
                 a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """S of P pairs: image rows `a` of `images`, rows `b` of `bucket` (both (P,) int64 on the
-    bank device); `c0` is the caption bank's (M, d) -> (P,) float32."""
-    qr, kr, vr = images.q[a], images.k[a], images.v[a]
-    qe, ke, ve = bucket.q[b], bucket.k[b], bucket.v[b]
-    mask = bucket.mask[b]
-    # region rows attend to [own regions | the caption's tokens]
-    att_r = _merge(qr, ke, ve, bucket.key_bias[b], images.m[a], images.l[a], images.o[a])
-    # token rows attend to [own tokens | the image's regions]
-    att_e = _merge(qe, kr, vr, None, bucket.m[b], bucket.l[b], bucket.o[b])
-    y_r = _ffn_block(w, images.r[a], merge_heads(att_r))
-    y_e = _ffn_block(w, bucket.e[b], merge_heads(att_e))
+    bank device); `c0` is the caption bank's (M, d) -> (P,) float32. Bank rows stored in
+    another dtype than the kernel's are cast on the way in."""
+    def rows(t, idx):
+        return t.index_select(0, idx).to(w.dtype)
+
+    qr, kr, vr = rows(images.q, a), rows(images.k, a), rows(images.v, a)
+    qe, ke, ve = rows(bucket.q, b), rows(bucket.k, b), rows(bucket.v, b)
+    mask = bucket.mask.index_select(0, b)
+    # region rows attend to [own regions (statistics from the bank) | the caption's tokens]
+    att_r = _merge(qr, ke, ve, mask, images.m.index_select(0, a), images.l.index_select(0, a),
+                   rows(images.o, a))
+    # token rows attend to [own tokens (statistics derived here) | the image's regions]
+    att_e = _merge(qe, kr, vr, None, *own_stats(qe, ke, ve, mask))
+    y_r = _ffn_block(w, rows(images.r, a), merge_heads(att_r))
+    y_e = _ffn_block(w, rows(bucket.e, b), merge_heads(att_e))
     i1 = F.normalize(y_r.float().mean(dim=1), dim=-1)
-    y_e = y_e.masked_fill(~mask.unsqueeze(-1), 0)
+    y_e = y_e.masked_fill_(~mask.unsqueeze(-1), 0)
     c1 = _text_head(w, y_e, mask)
-    cap = bucket.captions[b]
-    g = (images.i0[a] * c0[cap]).sum(dim=-1)
+    cap = bucket.captions.index_select(0, b)
+    g = (images.i0.index_select(0, a) * c0.index_select(0, cap)).sum(dim=-1)
     return g + w.alpha * (i1 * c1).sum(dim=-1)

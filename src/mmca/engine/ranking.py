@@ -8,9 +8,9 @@
 - "shortlist": the cross unit on the top `shortlist_k` of i0·c0 only (approximate; items off
   the shortlist rank below it, ordered by i0·c0).
 
-Rank convention (0-based; ties count against the true item):
-  t2i rank of caption j = #{images i != g(j) : S(i, j) >= S(g(j), j)}
-  i2t rank of image i  = min over its captions c of #{captions c' not of i : S(i, c') >= S(i, c)}
+Ranks follow the convention of `mmca.metrics` (0-based, ties count against the true item),
+whose `retrieval_metrics(result.i2t, result.t2i, result.exact_below)` turns them into
+R@K, rsum, medr and meanr.
 """
 
 from __future__ import annotations
@@ -28,19 +28,6 @@ class RankResult:
     pair_passes: int
     exact_below: int | None  # ranks < this are exact; None: all exact (or mode is shortlist)
     mode: str
-
-    def recalls(self, ks=(1, 5, 10)) -> dict[str, float]:
-        out = {}
-        for name, r in (("i2t", self.i2t), ("t2i", self.t2i)):
-            for k in ks:
-                out[f"{name}_R@{k}"] = recall_at(r, k)
-        out["rsum"] = sum(out.values())
-        return out
-
-
-def recall_at(ranks: np.ndarray, k: int) -> float:
-    """R@K in percent for 0-based ranks."""
-    return 100.0 * float(np.mean(np.asarray(ranks) < k)) if len(ranks) else 0.0
 
 
 def _thresholds(engine, images, texts, gimg):
@@ -101,21 +88,32 @@ def _bounds(engine, images, texts, gimg, s, e, tau, sigma):
 
 def _exact_all(engine, images, texts, gimg, image_block):
     """Every undecided pair scored once, shared by both directions; streamed by image block."""
+    i2t, t2i = None, None
+    for i2t, t2i, _ in exact_blocks(engine, images, texts, gimg, image_block):
+        pass
+    return i2t, t2i
+
+
+def exact_blocks(engine, images, texts, gimg, image_block: int = 256):
+    """The exact pruned pass of mode "exact" (no max_rank), one image block at a time: yields
+    (i2t, t2i, images done) once the thresholds are known (0 images done) and after each
+    image block; the ranks are complete after the last one (the memory benchmark runs a
+    time-limited prefix of it)."""
     tau, sigma = _thresholds(engine, images, texts, gimg)
     t2i = torch.zeros(len(texts), dtype=torch.int64, device=engine.device)
     i2t = torch.zeros(len(images), dtype=torch.int64, device=engine.device)
+    yield i2t, t2i, 0
     for s in range(0, len(images), image_block):
         e = min(len(images), s + image_block)
         _, sure_t, maybe_t, sure_i, maybe_i = _bounds(engine, images, texts, gimg, s, e, tau, sigma)
         t2i += sure_t.sum(0)
         i2t[s:e] += sure_i.sum(1)
         ii, jj = (maybe_t | maybe_i).nonzero(as_tuple=True)
-        if not len(ii):
-            continue
-        score = engine.pair_scores(images, texts, ii + s, jj)
-        t2i.index_add_(0, jj, (maybe_t[ii, jj] & (score >= tau[jj])).long())
-        i2t.index_add_(0, ii + s, (maybe_i[ii, jj] & (score >= sigma[ii + s])).long())
-    return i2t, t2i
+        if len(ii):
+            score = engine.pair_scores(images, texts, ii + s, jj)
+            t2i.index_add_(0, jj, (maybe_t[ii, jj] & (score >= tau[jj])).long())
+            i2t.index_add_(0, ii + s, (maybe_i[ii, jj] & (score >= sigma[ii + s])).long())
+        yield i2t, t2i, e
 
 
 class _PairCache:
@@ -220,43 +218,43 @@ def _exact_capped(engine, images, texts, gimg, max_rank, image_block):
 def _shortlist(engine, images, texts, gimg, k, image_block):
     n, m = len(images), len(texts)
     dev = engine.device
-    # t2i: per caption, the top-k images by i0·c0
-    t2i = torch.zeros(m, dtype=torch.int64, device=dev)
-    kk = min(k, n)
-    for s in range(0, m, image_block):
-        e = min(m, s + image_block)
-        g = texts.c0[s:e] @ images.i0.T  # (b, N)
-        short = g.topk(kk, dim=1).indices  # (b, kk)
-        cap = torch.arange(s, e, device=dev)
-        score = engine.pair_scores(images, texts, short.reshape(-1), cap.repeat_interleave(kk)).view(-1, kk)
-        true = gimg[s:e]
-        is_true = short == true[:, None]
-        in_short = is_true.any(1)
-        t_score = torch.where(is_true, score, torch.full_like(score, float("-inf"))).amax(1)
-        r_in = ((score >= t_score[:, None]) & ~is_true).sum(1)
-        g_true = g.gather(1, true[:, None])
-        off = torch.ones_like(g, dtype=torch.bool).scatter_(1, short, False)
-        off[torch.arange(e - s, device=dev), true] = False
-        r_out = kk + ((g >= g_true) & off).sum(1)
-        t2i[s:e] = torch.where(in_short, r_in, r_out)
-    # i2t: per image, the top-k captions by i0·c0
-    i2t = torch.zeros(n, dtype=torch.int64, device=dev)
-    kk = min(k, m)
-    for s in range(0, n, image_block):
-        e = min(n, s + image_block)
-        g = images.i0[s:e] @ texts.c0.T  # (b, M)
-        short = g.topk(kk, dim=1).indices
-        img = torch.arange(s, e, device=dev)
-        score = engine.pair_scores(images, texts, img.repeat_interleave(kk), short.reshape(-1)).view(-1, kk)
-        is_true = gimg[short] == img[:, None]
-        best = torch.where(is_true, score, torch.full_like(score, float("-inf"))).amax(1)
-        r_in = ((score >= best[:, None]) & ~is_true).sum(1)
-        true_all = gimg[None, :] == img[:, None]  # (b, M)
-        g_best_true = torch.where(true_all, g, torch.full_like(g, float("-inf"))).amax(1)
-        off = torch.ones_like(g, dtype=torch.bool).scatter_(1, short, False) & ~true_all
-        r_out = (~is_true).sum(1) + ((g >= g_best_true[:, None]) & off).sum(1)
-        i2t[s:e] = torch.where(is_true.any(1), r_in, r_out)
+    # t2i: per caption, the top-k images by i0·c0 (its one true image: gimg)
+    t2i = torch.cat([
+        _shortlist_ranks(texts.c0[s:e] @ images.i0.T,
+                         gimg[s:e, None] == torch.arange(n, device=dev)[None, :],
+                         lambda q, c, s=s: engine.pair_scores(images, texts, c, q + s), k)
+        for s, e in _spans(m, image_block)]) if m else torch.zeros(0, dtype=torch.int64, device=dev)
+    # i2t: per image, the top-k captions by i0·c0 (its true captions: those with gimg == image)
+    i2t = torch.cat([
+        _shortlist_ranks(images.i0[s:e] @ texts.c0.T,
+                         gimg[None, :] == torch.arange(s, e, device=dev)[:, None],
+                         lambda q, c, s=s: engine.pair_scores(images, texts, q + s, c), k)
+        for s, e in _spans(n, image_block)]) if n else torch.zeros(0, dtype=torch.int64, device=dev)
     return i2t, t2i
+
+
+def _spans(n: int, block: int):
+    return [(s, min(n, s + block)) for s in range(0, n, block)]
+
+
+def _shortlist_ranks(g, own, score, k):
+    """Ranks of a block of queries against all candidates, the cross unit on each query's top
+    `k` candidates by g = i0·c0 only: g (b, C) and own (b, C) (True on the query's true
+    items); score(query rows, candidates) -> full S of those pairs. Within the shortlist: the
+    negatives with S >= the best true item's S; a query with no true item on its shortlist
+    ranks below the whole shortlist, then by g against the best true item's g."""
+    kk = min(k, g.shape[1])
+    short = g.topk(kk, dim=1).indices  # (b, kk)
+    rows = torch.arange(len(g), device=g.device)
+    sc = score(rows.repeat_interleave(kk), short.reshape(-1)).view(-1, kk)
+    ninf = torch.tensor(float("-inf"), device=g.device)
+    is_true = own.gather(1, short)
+    best = torch.where(is_true, sc, ninf).amax(1)
+    r_in = ((sc >= best[:, None]) & ~is_true).sum(1)
+    g_best = torch.where(own, g, ninf).amax(1)
+    off = torch.ones_like(own).scatter_(1, short, False) & ~own
+    r_out = (~is_true).sum(1) + ((g >= g_best[:, None]) & off).sum(1)
+    return torch.where(is_true.any(1), r_in, r_out)
 
 
 def topk(engine, images, texts, k: int, query: str = "text", mode: str = "exact",

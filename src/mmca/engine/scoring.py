@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -10,13 +9,11 @@ import numpy as np
 import torch
 
 from mmca.engine.bank import (ImageBank, TextBank, TextBucket, bucket_length, build_image_bank,
-                              build_text_bucket)
-
-IMAGE_FIELDS = ("r", "i0", "q", "k", "v", "m", "l", "o")
-TEXT_FIELDS = ("captions", "e", "mask", "q", "k", "v", "m", "l", "o", "key_bias")
+                              empty_image_bank, fill_image_bank, fill_text_bucket, pad_tokens)
 from mmca.engine.pairs import CrossWeights, score_block
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _as_index(x, device) -> torch.Tensor:
@@ -42,65 +39,76 @@ class ScoringEngine:
     `precision="fp32"` is exact (up to float rounding of a different but fixed summation
     order); `"bf16"` runs the pair kernel in bfloat16 (faster on CPUs with bf16 units and on
     GPUs, approximate: its effect is measured by `mmca bench`). The global part i0·c0 is
-    always float32. `block_pairs` bounds the pairs scored at once (memory ~ block_pairs x
-    (k + L) x d floats); `granule` pads every block to a multiple of that many pairs so a pair
-    is always computed with the same shapes; `length_granule` sets the caption length buckets.
+    always float32. `storage` is the dtype the banks keep their row tensors in: by default the
+    compute dtype; `"bf16"` or `"fp16"` under fp32 compute is an explicit opt-in that halves the
+    banks and moves scores by the rounding of the stored rows (ranks stay identical between
+    the exact and exhaustive modes on the same banks; scores are no longer the fp32 model's).
+    `block_pairs` bounds the pairs scored at once (memory ~ block_pairs x (k + L) x d floats);
+    `granule` pads every block to a multiple of that many pairs so a pair is always computed
+    with the same shapes; `length_granule` sets the caption length buckets.
     """
 
     def __init__(self, model, device=None, precision: str = "fp32", block_pairs: int = 64,
-                 granule: int = 16, length_granule: int = 4):
+                 granule: int = 16, length_granule: int = 4, storage: str | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
+        if storage is not None and storage not in STORAGE:
+            raise ValueError(f"storage must be one of {sorted(STORAGE)} or None, not {storage!r}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
         self.precision = precision
         self.dtype = PRECISIONS[precision]
+        self.storage = precision if storage is None else storage
+        self.storage_dtype = STORAGE[self.storage]
         self.granule = max(1, int(granule))
         self.block_pairs = max(self.granule, int(block_pairs) // self.granule * self.granule)
         self.length_granule = max(1, int(length_granule))
         self.weights = CrossWeights(self.model, self.dtype)
         self.alpha = float(model.alpha)
         # |S - i0·c0| <= alpha * |i1·c1| <= alpha (1 + tol), plus rounding of i0·c0 itself
+        # (i1, c1 are normalised in float32 whatever the storage dtype)
         tol = 1e-5 if self.dtype == torch.float32 else 3e-2
         self.slack = self.alpha * (1 + tol) + 1e-5
         self.pair_passes = 0
 
     # ---- banks -------------------------------------------------------------------------
-    def image_bank(self, regions_or_dataset, batch_size: int = 256) -> ImageBank:
+    def image_bank(self, regions_or_dataset, batch_size: int = 64) -> ImageBank:
         """Regions (N, k, D_img) as a tensor/array, or a dataset with `image_batch`."""
         with inference_mode(self.model):
             return self._image_bank(regions_or_dataset, batch_size)
 
-    def text_bank(self, token_features, index=None, batch_size: int = 512) -> TextBank:
+    def text_bank(self, token_features, index=None, batch_size: int = 256) -> TextBank:
         """A `TokenFeatures` (ragged), a dataset with `token_features`, or (tokens (M, n, D),
         mask (M, n)). `index` selects captions (default all)."""
         with inference_mode(self.model):
             return self._text_bank(token_features, index, batch_size)
 
     @torch.no_grad()
-    def _image_bank(self, regions_or_dataset, batch_size: int = 256) -> ImageBank:
-        """Regions (N, k, D_img) as a tensor/array, or a dataset with `image_batch`."""
+    def _image_bank(self, regions_or_dataset, batch_size: int) -> ImageBank:
         src = regions_or_dataset
         if hasattr(src, "image_batch"):
             n = src.num_images
-            fetch = lambda idx: src.image_batch(idx)  # noqa: E731
+            fetch = lambda s, e: src.image_batch(np.arange(s, e))  # noqa: E731
         else:
             n = len(src)
-            fetch = lambda idx: torch.as_tensor(np.asarray(src[idx[0]:idx[-1] + 1]) if not torch.is_tensor(src)  # noqa: E731
-                                                else src[idx[0]:idx[-1] + 1]).float()
+            fetch = lambda s, e: torch.as_tensor(src[s:e] if torch.is_tensor(src)  # noqa: E731
+                                                 else np.asarray(src[s:e])).float()
         bank = None
-        for s in range(0, n, batch_size):  # filled in place: no transient second copy
-            idx = np.arange(s, min(n, s + batch_size))
-            part = build_image_bank(self.model, fetch(idx).to(self.device), self.dtype)
+        for s in range(0, n, batch_size):  # filled in place, chunk by chunk: no transient copy
+            e = min(n, s + batch_size)
+            part = build_image_bank(self.model, fetch(s, e).to(self.device), self.storage_dtype)
             if bank is None:
-                bank = ImageBank(*(torch.empty((n,) + getattr(part, f).shape[1:], dtype=getattr(part, f).dtype,
-                                               device=self.device) for f in IMAGE_FIELDS))
-            for f in IMAGE_FIELDS:
-                getattr(bank, f)[s:s + len(idx)] = getattr(part, f)
+                _, k, d = part.r.shape
+                bank = empty_image_bank(n, k, d, part.q.shape[1], self.storage_dtype, self.device)
+            fill_image_bank(bank, s, part)
+            del part
+        if bank is None:  # empty gallery
+            c = self.model.config
+            bank = empty_image_bank(0, 0, c.d, c.heads, self.storage_dtype, self.device)
         return bank
 
     @torch.no_grad()
-    def _text_bank(self, token_features, index=None, batch_size: int = 512) -> TextBank:
+    def _text_bank(self, token_features, index, batch_size: int) -> TextBank:
         src = getattr(token_features, "token_features", token_features)
         if isinstance(src, tuple):
             tokens, mask = src
@@ -108,10 +116,10 @@ class ScoringEngine:
             all_lengths = mask.sum(1).cpu().numpy()
 
             def fetch(idx):
-                t = tokens[torch.as_tensor(idx)]
-                m = mask[torch.as_tensor(idx)]
+                idx = torch.as_tensor(idx)
+                m = mask[idx]
                 n = int(m.sum(1).max())
-                return t[:, :n].float(), m[:, :n]
+                return tokens[idx, :n].float(), m[:, :n]
         else:
             all_lengths = src.lengths
             fetch = lambda idx: src.batch(idx)  # noqa: E731
@@ -121,29 +129,31 @@ class ScoringEngine:
             raise ValueError("every caption needs at least one token")
         padded = np.array([bucket_length(int(n), self.length_granule) for n in lengths], dtype=np.int64)
         m = len(index)
-        c0 = torch.zeros(m, self.model.config.d, device=self.device)
+        c = self.model.config
+        dh, dt = c.d // c.heads, self.storage_dtype
+        c0 = torch.empty(m, c.d, device=self.device)
         bucket_of = np.zeros(m, dtype=np.int64)
         row_of = np.zeros(m, dtype=np.int64)
         buckets = []
         for length in np.unique(padded):
+            length = int(length)
             members = np.nonzero(padded == length)[0]  # positions in the bank, ascending
-            bucket, c0s = None, []
-            for s in range(0, len(members), batch_size):  # filled in place
+            mb = len(members)
+            bucket = TextBucket(  # filled in place, chunk by chunk
+                length, torch.as_tensor(members, device=self.device),
+                torch.empty(mb, length, c.d, dtype=dt, device=self.device),
+                torch.empty(mb, length, dtype=torch.bool, device=self.device),
+                *(torch.empty(mb, c.heads, length, dh, dtype=dt, device=self.device) for _ in range(3)))
+            for s in range(0, mb, batch_size):
                 pos = members[s:s + batch_size]
                 tok, msk = fetch(index[pos])
-                part, c = build_text_bucket(
-                    self.model, tok.to(self.device), msk.to(self.device),
-                    torch.as_tensor(pos, device=self.device), int(length), self.dtype)
-                if bucket is None:
-                    bucket = TextBucket(int(length), *(
-                        torch.empty((len(members),) + getattr(part, f).shape[1:], dtype=getattr(part, f).dtype,
-                                    device=self.device) for f in TEXT_FIELDS))
-                for f in TEXT_FIELDS:
-                    getattr(bucket, f)[s:s + len(pos)] = getattr(part, f)
-                c0s.append(c)
-            c0[torch.as_tensor(members, device=self.device)] = torch.cat(c0s)
+                tok, msk = pad_tokens(tok.to(self.device), msk.to(self.device), length)
+                e, cc = self.model.encode_text(tok, msk)
+                fill_text_bucket(self.model, bucket, s, e, msk)
+                c0[torch.as_tensor(pos, device=self.device)] = cc.float()
+                del tok, msk, e, cc
             bucket_of[members] = len(buckets)
-            row_of[members] = np.arange(len(members))
+            row_of[members] = np.arange(mb)
             buckets.append(bucket)
         return TextBank(c0, lengths, buckets, bucket_of, row_of, extra={"index": index})
 
@@ -241,8 +251,4 @@ class ScoringEngine:
         return n
 
 
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b) if b else 0
-
-
-__all__ = ["ScoringEngine", "PRECISIONS", "math"]
+__all__ = ["PRECISIONS", "STORAGE", "ScoringEngine", "inference_mode"]
