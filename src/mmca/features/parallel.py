@@ -1,0 +1,94 @@
+"""Run a feature extractor over contiguous shards of its input in worker processes.
+
+Why processes and not torch's intra-op threads: the threads of one process meet at a barrier
+after every layer, so whenever another job takes a core from one of them, all of them wait.
+Independent processes with one thread each never wait for each other. Measured on the 2-core
+machine while other jobs ran: 2.5x (text) to 4.5x (images) the throughput of one 2-thread
+process; on an idle machine the two are on par.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mmca.errors import MmcaError
+
+MAX_WORKERS = 8  # each worker holds its own copy of the model
+
+# A shard task: task(start, stop, report) processes items start..stop-1, calling report(n)
+# after every n items. It must be picklable (a module-level function or a partial of one).
+ShardTask = Callable[[int, int, Callable[[int], None]], None]
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def plan_workers(total: int, min_per_worker: int, requested: int | None = None) -> int:
+    """How many processes to use: `requested`, else one per CPU while each gets enough items
+    to repay its start-up (importing torch and loading the model take a few seconds)."""
+    if requested is not None:
+        return max(1, min(requested, total))
+    return max(1, min(available_cpus(), MAX_WORKERS, total // min_per_worker))
+
+
+def run_sharded(task: ShardTask, total: int, workers: int, report: Callable[[int], None]) -> None:
+    """Run `task` over `workers` contiguous shards of range(total) in spawned processes.
+
+    The first error stops every worker; an `MmcaError` is raised again here unchanged (same
+    message and hint), anything else as a RuntimeError carrying the worker's traceback.
+    """
+    ctx = mp.get_context("spawn")  # fork is unsafe once torch has started its thread pools
+    messages = ctx.Queue()
+    threads = max(1, available_cpus() // workers)
+    bounds = [total * i // workers for i in range(workers + 1)]
+    procs = [
+        ctx.Process(target=_worker, args=(task, bounds[i], bounds[i + 1], threads, messages), daemon=True)
+        for i in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        running = workers
+        while running:
+            try:
+                kind, payload = messages.get(timeout=1.0)
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    raise RuntimeError("a feature worker process died (out of memory?)") from None
+                continue
+            if kind == "progress":
+                report(payload)
+            elif kind == "done":
+                running -= 1
+            elif kind == "error":
+                cls, message, hint = payload
+                raise cls(message, hint)
+            else:
+                raise RuntimeError(f"a feature worker process failed:\n{payload}")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+
+
+def _worker(task: ShardTask, start: int, stop: int, threads: int, messages: Any) -> None:
+    torch.set_num_threads(threads)
+    try:
+        task(start, stop, lambda n: messages.put(("progress", n)))
+        messages.put(("done", None))
+    except MmcaError as err:
+        messages.put(("error", (type(err), err.message, err.hint)))
+    except BaseException:
+        messages.put(("crash", traceback.format_exc()))

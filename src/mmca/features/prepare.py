@@ -1,0 +1,225 @@
+"""Prepare a split: read it, compute the frozen features it lacks, cache them, and return the
+`RetrievalDataset` every job reads (SPEC §1: both frozen parts are computed once per dataset).
+
+Each split has two cache entries, so changing one side never recomputes the other:
+`{split}.images-{hash}` (MobileNetV2 grid; images layout only, precomp ships its features) and
+`{split}.text-{hash}` (token states). The hash covers the dataset root, the split and the
+settings; the manifest also pins the model weights and a fingerprint of the inputs, and an
+entry whose manifest does not match is rebuilt in place.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from mmca.data.dataset import RetrievalDataset, SplitSource, TokenFeatures
+from mmca.data.layouts import read_split
+from mmca.features import cache, parallel
+from mmca.features.backbone import FEATURE_DIM, ImageBackbone
+from mmca.features.text_encoder import TextEncoder
+
+# Items each worker process must get to repay its start-up of a few seconds (parallel.py).
+IMAGES_PER_WORKER = 500
+CAPTIONS_PER_WORKER = 2500
+
+
+@dataclass
+class EntryReport:
+    """What happened to one cache entry: reused as is, or built now."""
+
+    kind: str  # "images" or "text"
+    path: Path
+    reused: bool
+    seconds: float
+    manifest: dict[str, Any]
+
+
+@dataclass
+class PreparedSplit:
+    dataset: RetrievalDataset
+    entries: list[EntryReport]
+    seconds: float
+
+    @property
+    def reused(self) -> bool:
+        return all(e.reused for e in self.entries)
+
+
+def prepare_split(
+    root: str | Path,
+    split: str,
+    cache_dir: str | Path | None = None,
+    grid: int = 6,
+    text_encoder: str | Path | None = None,
+    max_tokens: int = 64,
+    captions_per_image: int | None = 5,
+    progress: bool = True,
+    force: bool = False,
+    workers: int | None = None,
+) -> PreparedSplit:
+    """Load the split's cached features, building (or with `force`, rebuilding) what is missing.
+
+    Writes only under `cache_dir` (default: `cache.default_cache_dir()`), never into `root`.
+    `workers`: processes for building (default: one per CPU for large splits, see parallel.py).
+    """
+    started = time.perf_counter()
+    source = read_split(Path(root), split, captions_per_image)
+    folder = cache.dataset_dir(Path(cache_dir) if cache_dir is not None else cache.default_cache_dir(), source.root)
+    build = _Build(progress, force, workers)
+    entries = []
+    if source.image_features is None:
+        entry, features = _image_entry(source, folder, ImageBackbone(grid), build)
+        entries.append(entry)
+    else:
+        features = source.image_features
+    entry, tokens = _text_entry(source, folder, TextEncoder(text_encoder, max_tokens), build)
+    entries.append(entry)
+    dataset = RetrievalDataset(
+        name=source.root.name,
+        split=split,
+        image_ids=source.image_ids,
+        captions=source.captions,
+        caption_image=source.caption_image,
+        captions_per_image=source.captions_per_image,
+        image_features=features,
+        token_features=tokens,
+        image_paths=source.image_paths,
+    )
+    return PreparedSplit(dataset, entries, time.perf_counter() - started)
+
+
+def open_dataset(
+    root: str | Path,
+    split: str,
+    cache_dir: str | Path | None = None,
+    grid: int = 6,
+    text_encoder: str | Path | None = None,
+    max_tokens: int = 64,
+    captions_per_image: int | None = 5,
+    progress: bool = True,
+    workers: int | None = None,
+) -> RetrievalDataset:
+    """The public entry: a split with its frozen features, from the cache when it is valid."""
+    return prepare_split(
+        root, split, cache_dir, grid, text_encoder, max_tokens, captions_per_image, progress, workers=workers
+    ).dataset
+
+
+@dataclass(frozen=True)
+class _Build:
+    """How to build an entry: with progress bars, ignoring a valid entry, with this many workers."""
+
+    progress: bool
+    force: bool
+    workers: int | None
+
+    def run(self, task: parallel.ShardTask, total: int, min_per_worker: int, desc: str, unit: str) -> None:
+        """task(0, total, ...) here, or sharded over worker processes when that pays off."""
+        workers = parallel.plan_workers(total, min_per_worker, self.workers)
+        with tqdm(total=total, desc=desc, unit=unit, disable=not self.progress) as bar:
+            if workers == 1:
+                task(0, total, bar.update)
+            else:
+                parallel.run_sharded(task, total, workers, bar.update)
+
+
+def _entry(
+    folder: Path, source: SplitSource, kind: str, settings: dict[str, Any], key: dict[str, Any], build: _Build
+) -> tuple[Path, dict[str, Any] | None]:
+    """The entry's path, and its manifest when it can be reused."""
+    path = folder / f"{source.split}.{kind}-{cache.digest([str(source.root), source.split, kind, settings])[:12]}"
+    return path, None if build.force else cache.load_manifest(path, key)
+
+
+def _image_entry(
+    source: SplitSource, folder: Path, backbone: ImageBackbone, build: _Build
+) -> tuple[EntryReport, np.ndarray]:
+    started = time.perf_counter()
+    assert source.image_paths is not None
+    settings = {"backbone": backbone.name, "grid": backbone.grid}
+    key = {
+        "backbone": backbone.describe(),
+        "split": source.split,
+        "images": cache.files_fingerprint(source.root, source.image_ids, "images"),
+    }
+    path, manifest = _entry(folder, source, "images", settings, key, build)
+    reused = manifest is not None
+    if manifest is None:
+        manifest = {"key": key, "root": str(source.root), "counts": {"images": source.num_images}}
+        with cache.build_entry(path, manifest) as tmp:
+            shape = (source.num_images, backbone.regions, FEATURE_DIM)
+            out = cache.allocate_array(tmp, "features.npy", shape)
+            task = partial(_extract_shard, source.image_paths, out, backbone.grid, backbone.weights)
+            build.run(task, source.num_images, IMAGES_PER_WORKER, "extract images", "img")
+    report = EntryReport("images", path, reused, time.perf_counter() - started, manifest)
+    return report, cache.open_array(path, "features.npy")
+
+
+def _text_entry(
+    source: SplitSource, folder: Path, encoder: TextEncoder, build: _Build
+) -> tuple[EntryReport, TokenFeatures]:
+    started = time.perf_counter()
+    settings = {"text_encoder": str(encoder.model_dir), "max_tokens": encoder.max_tokens}
+    key = {
+        "text_encoder": encoder.describe(),
+        "split": source.split,
+        "captions": cache.digest([source.captions, source.caption_image.tolist()]),
+    }
+    path, manifest = _entry(folder, source, "text", settings, key, build)
+    reused = manifest is not None
+    if manifest is None:
+        manifest = {"key": key, "root": str(source.root)}
+        with cache.build_entry(path, manifest) as tmp:
+            ids, truncated = encoder.tokenize(source.captions)
+            lengths = np.array([len(x) for x in ids], dtype=np.int64)
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            np.save(tmp / "offsets.npy", offsets)
+            out = cache.allocate_array(tmp, "states.npy", (int(offsets[-1]), encoder.dim))
+            task = partial(_encode_shard, ids, offsets, out, encoder.model_dir, encoder.max_tokens)
+            build.run(task, source.num_captions, CAPTIONS_PER_WORKER, "encode captions", "cap")
+            manifest["counts"] = {
+                "captions": source.num_captions,
+                "tokens": int(offsets[-1]),
+                "tokens_mean": round(float(lengths.mean()), 2),
+                "tokens_max": int(lengths.max()),
+                "truncated": truncated,
+            }
+    report = EntryReport("text", path, reused, time.perf_counter() - started, manifest)
+    tokens = TokenFeatures(cache.open_array(path, "states.npy"), np.load(path / "offsets.npy"))
+    return report, tokens
+
+
+# Shard tasks (module-level so worker processes can unpickle them): each fills its rows of
+# the .npy file in place, so shards never pass features through the parent.
+
+
+def _extract_shard(
+    paths: list[Path], out_path: Path, grid: int, weights: Path, start: int, stop: int, report: Callable[[int], None]
+) -> None:
+    out = np.load(out_path, mmap_mode="r+")
+    ImageBackbone(grid, weights).extract_files(paths[start:stop], out[start:stop], report=report)
+    out.flush()
+
+
+def _encode_shard(
+    ids: list[list[int]],
+    offsets: np.ndarray,
+    states_path: Path,
+    model_dir: Path,
+    max_tokens: int,
+    start: int,
+    stop: int,
+    report: Callable[[int], None],
+) -> None:
+    states = np.load(states_path, mmap_mode="r+")
+    encoder = TextEncoder(model_dir, max_tokens)
+    encoder.encode_ids(ids[start:stop], out=states[offsets[start] : offsets[stop]], report=report)
+    states.flush()

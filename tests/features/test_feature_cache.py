@@ -1,0 +1,176 @@
+"""prepare_split and its cache: reuse when nothing changed, rebuild exactly what a change
+affects, never trust a half-built entry, never write into the dataset folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmca.data.dataset import RetrievalDataset
+from mmca.errors import DataError, MmcaError
+from mmca.features import cache
+from mmca.features.backbone import ImageBackbone, load_image
+from mmca.features.prepare import PreparedSplit, open_dataset, prepare_split
+from mmca.features.text_encoder import TextEncoder
+
+
+def _built(prepared: PreparedSplit) -> list[str]:
+    return [e.kind for e in prepared.entries if not e.reused]
+
+
+def _prepare(root: Path, cache_dir: Path, **kw: object) -> PreparedSplit:
+    return prepare_split(root, "dev", cache_dir=cache_dir, progress=False, **kw)
+
+
+def test_features_match_the_models_and_second_call_reuses(
+    make_dataset, tmp_path: Path, backbone: ImageBackbone, encoder: TextEncoder, snapshot
+) -> None:
+    root, store = make_dataset(), tmp_path / "cache"
+    before = snapshot(root)
+    first = _prepare(root, store)
+    assert _built(first) == ["images", "text"]
+    data = first.dataset
+    assert (data.num_images, data.num_captions) == (10, 50)
+    assert data.image_features.shape == (10, 36, 1280) and data.image_features.dtype == np.float16
+    images = torch.from_numpy(np.stack([load_image(p) for p in data.image_paths[:2]])).permute(0, 3, 1, 2)
+    np.testing.assert_allclose(data.image_features[:2], backbone.extract_grid(images).numpy(), atol=1e-2, rtol=1e-2)
+    alone = encoder.encode([data.captions[7]])
+    a, b = data.token_features.offsets[7:9]
+    np.testing.assert_allclose(data.token_features.states[a:b], alone.states, atol=2e-2, rtol=1e-2)
+
+    second = _prepare(root, store)
+    assert _built(second) == []
+    assert [e.manifest["created"] for e in second.entries] == [e.manifest["created"] for e in first.entries]
+    assert isinstance(second.dataset.image_features, np.memmap)
+    np.testing.assert_array_equal(second.dataset.image_features, data.image_features)
+    np.testing.assert_array_equal(second.dataset.token_features.offsets, data.token_features.offsets)
+    assert snapshot(root) == before
+
+
+def test_manifest_records_what_the_features_depend_on(make_dataset, tmp_path: Path) -> None:
+    prepared = _prepare(make_dataset(), tmp_path / "cache")
+    images, text = (json.loads((e.path / "manifest.json").read_text()) for e in prepared.entries)
+    assert images["key"]["backbone"]["grid"] == 6 and images["key"]["backbone"]["image_size"] == 224
+    assert len(images["key"]["backbone"]["weights_sha256"]) == 64
+    assert images["arrays"]["features.npy"] == {"shape": [10, 36, 1280], "dtype": "float16"}
+    assert text["key"]["text_encoder"]["model_type"] == "bert" and text["key"]["text_encoder"]["max_tokens"] == 64
+    assert text["counts"]["captions"] == 50 and text["counts"]["truncated"] == 0
+    for manifest in (images, text):
+        assert manifest["mmca_version"] and manifest["timings"]["build_s"] >= 0
+
+
+def test_changed_setting_or_input_rebuilds_only_its_side(make_dataset, tmp_path: Path) -> None:
+    root, store = make_dataset(), tmp_path / "cache"
+    _prepare(root, store)
+    assert _built(_prepare(root, store, grid=7)) == ["images"]
+    assert _prepare(root, store, grid=7).dataset.image_features.shape[1] == 49
+    assert _built(_prepare(root, store, grid=6)) == []  # both grids stay cached side by side
+    assert _built(_prepare(root, store, max_tokens=12)) == ["text"]
+
+    tsv = root / "captions.tsv"
+    lines = tsv.read_text().splitlines()
+    name, _, text = lines[3].partition("\t")
+    lines[3] = f"{name}\t{text} in the rain"
+    tsv.write_text("\n".join(lines) + "\n")
+    edited = _prepare(root, store)
+    assert _built(edited) == ["text"] and edited.dataset.captions[3].endswith("in the rain")
+
+    image = root / "images" / edited.dataset.image_ids[0]
+    os.utime(image, ns=(time.time_ns(), time.time_ns()))
+    assert _built(_prepare(root, store)) == ["images"]
+    assert _built(_prepare(root, store, force=True)) == ["images", "text"]
+
+
+@pytest.mark.parametrize("damage", ["no manifest", "bad manifest", "short array"])
+def test_entry_without_a_valid_manifest_is_rebuilt(make_dataset, tmp_path: Path, damage: str) -> None:
+    root, store = make_dataset(), tmp_path / "cache"
+    entry = _prepare(root, store).entries[0].path
+    if damage == "no manifest":
+        (entry / "manifest.json").unlink()
+    elif damage == "bad manifest":
+        (entry / "manifest.json").write_text("{ not json")
+    else:
+        np.save(entry / "features.npy", np.zeros((3, 36, 1280), np.float16))
+    again = _prepare(root, store)
+    assert _built(again) == ["images"]
+    assert again.dataset.image_features.shape == (10, 36, 1280)
+
+
+def test_worker_processes_give_the_same_features(make_dataset, tmp_path: Path) -> None:
+    root = make_dataset()
+    here = _prepare(root, tmp_path / "here", workers=1).dataset
+    sharded = _prepare(root, tmp_path / "sharded", workers=2).dataset
+    np.testing.assert_allclose(sharded.image_features, here.image_features, atol=1e-2, rtol=1e-2)
+    np.testing.assert_array_equal(sharded.token_features.offsets, here.token_features.offsets)
+    np.testing.assert_allclose(sharded.token_features.states, here.token_features.states, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_failed_build_leaves_nothing(make_dataset, tmp_path: Path, workers: int) -> None:
+    """A corrupt image found mid-extraction aborts the build, also from a worker process:
+    the error names the file, and neither an entry nor a temporary folder is left."""
+    root, store = make_dataset(), tmp_path / "cache"
+    victim = root / "images" / (root / "splits" / "dev.txt").read_text().split()[7]
+    victim.write_bytes(victim.read_bytes()[:500])
+    with pytest.raises(DataError, match=victim.name) as err:
+        _prepare(root, store, workers=workers)
+    assert "remove it from the split" in (err.value.hint or "")
+    assert [p.name for p in store.rglob("*") if p.is_dir() and ".images" in p.name] == []
+
+
+def test_killed_run_is_not_trusted_and_cleaned_up(make_dataset, tmp_path: Path) -> None:
+    """SIGKILL a real prepare as soon as its temporary entry exists; the next run rebuilds."""
+    root, store = make_dataset(), tmp_path / "cache"
+    code = "import sys; from mmca.features import prepare_split; prepare_split(sys.argv[1], 'dev', sys.argv[2], progress=False)"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(root), str(store)])
+    deadline = time.monotonic() + 60
+    while not list(store.glob("*/*.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    leftovers = list(store.glob("*/*.tmp-*"))
+    assert leftovers
+
+    again = _prepare(root, store)
+    assert "images" in _built(again) and all(not p.exists() for p in leftovers)
+    assert again.dataset.image_features.shape == (10, 36, 1280)
+    assert not list(store.glob("*/*.tmp-*"))
+
+
+def test_cache_inside_the_dataset_is_refused(make_dataset) -> None:
+    root = make_dataset()
+    with pytest.raises(MmcaError, match="inside the dataset folder"):
+        _prepare(root, root / "cache")
+    assert not (root / "cache").exists()
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MMCA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.default_cache_dir() == tmp_path / "xdg" / "mmca"
+    monkeypatch.setenv("MMCA_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache.default_cache_dir() == tmp_path / "mine"
+
+
+def test_precomp_uses_its_own_image_features(tmp_path: Path, flickr_captions: dict[str, list[str]]) -> None:
+    root = tmp_path / "toy_precomp"
+    root.mkdir()
+    features = np.random.default_rng(0).random((4, 36, 2048), dtype=np.float32)
+    np.save(root / "test_ims.npy", features)
+    captions = [c for caps in list(flickr_captions.values())[:4] for c in caps]
+    (root / "test_caps.txt").write_text("\n".join(captions) + "\n")
+    data = open_dataset(root, "test", cache_dir=tmp_path / "cache", progress=False)
+    assert isinstance(data, RetrievalDataset)
+    np.testing.assert_array_equal(data.image_features, features)
+    assert len(data.token_features) == 20
+    assert [p.name.split("-")[0] for p in (tmp_path / "cache").glob("*/*")] == ["test.text"]
