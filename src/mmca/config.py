@@ -63,7 +63,10 @@ class TrainConfig:
     seed: int = 0
     val_max_rank: int | None = 10  # ranks exact below this in per-epoch validation (R@1/5/10 exact)
     save_every_steps: int = 100  # mid-epoch checkpoints, so an interrupted epoch resumes mid-way
-    init_from_ablation: bool = False  # `mmca sample`: start the full model from the α = 0 run
+    # `mmca sample` trains the α = 0 ablation first; with init_from_ablation the full model
+    # starts from the ablation's best weights (the cross module is new) instead of from scratch.
+    init_from_ablation: bool = False
+    ablation_epochs: int | None = None  # epochs of that ablation run (None: `epochs`)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -87,13 +90,14 @@ class TrainConfig:
         return replace(self, **changes)
 
 
-# Named presets (the feature dimensions img_dim/txt_dim always come from the data). `paper` is the paper's recipe for GPUs and bottom-up features; the CPU presets
-# are for the Flickr8k sample on a laptop (see docs/results.md for why each change was made).
+# Named presets; the feature dimensions (img_dim, txt_dim) always come from the data.
+# `paper` is the paper's recipe for GPUs and bottom-up features; `cpu` and `sample` are for the
+# Flickr8k sample on a 2-core laptop (docs/results.md says what each changes and why).
 PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(epochs=20, lr=2e-4, lr_decay_epochs=(10,), grad_clip=None),
     "cpu": TrainConfig(epochs=12, lr=2e-4, lr_decay_epochs=(8,), warmup_epochs=1,
                        mining_precision="bf16"),
-    "sample": TrainConfig(epochs=4, lr=2e-4, lr_decay_epochs=(3,), warmup_epochs=1,
+    "sample": TrainConfig(epochs=1, ablation_epochs=5, init_from_ablation=True,
                           mining_precision="bf16"),
 }
 

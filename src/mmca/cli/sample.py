@@ -17,8 +17,9 @@ Run everything on DATASET_DIR (the README's main command runs it on the Flickr8k
 
   1. prepare the train and validation splits (cached: a second run reuses the features);
   2. train the α = 0 ablation (self-attention module only, S = i0·c0) with --preset;
-  3. train the full model (S = i0·c0 + α·i1·c1) with the same preset, initialised from the
-     ablation's best weights when the preset says so (see docs/results.md);
+  3. train the full model (S = i0·c0 + α·i1·c1) with the same preset: from scratch, or (the
+     `sample` preset, to fit a laptop's half hour) from the ablation's best weights for one
+     more epoch with the cross module switched on (see docs/results.md);
   4. evaluate both best checkpoints on the validation split (exact protocol; the per-epoch
      validation already computed it) and print them beside the paper's Flickr30K 1K row.
 
@@ -52,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
         print("  ".join(f"{k}: {v}" for k, v in ds.summary().items()))
 
     config = preset(args.preset)
-    runs = {"α = 0 ablation": (args.out / "alpha0", config.replace(model_alpha=0.0), None)}
+    ablation = config.replace(model_alpha=0.0, epochs=config.ablation_epochs or config.epochs,
+                              init_from_ablation=False)
+    runs = {"α = 0 ablation": (args.out / "alpha0", ablation, None)}
     init = args.out / "alpha0" / "best.pt" if config.init_from_ablation else None
     runs["MMCA"] = (args.out / "mmca", config, init)
     rows, timings = {}, {}
