@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from mmca.data.dataset import TokenFeatures
 from mmca.errors import DataError, MmcaError
@@ -178,13 +179,17 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode_ids(
-        self, ids: Sequence[Sequence[int]], out: np.ndarray | None = None, report: Callable[[int], None] | None = None
+        self,
+        ids: Sequence[Sequence[int]],
+        out: np.ndarray | None = None,
+        progress: bool = False,
+        report: Callable[[int], None] | None = None,
     ) -> TokenFeatures:
         """Per-token last hidden states of already tokenized captions, in their given order.
 
         Captions are run in batches of similar length (sorted), so little compute goes to
-        padding; `out` (total tokens x dim, e.g. a memmap in the cache) receives the states;
-        `report(n)` is called after every n captions (progress).
+        padding; `out` (total tokens x dim, e.g. a memmap in the cache) receives the states.
+        `progress` shows a bar; `report(n)` is called after every n captions (for a caller's bar).
         """
         lengths = np.array([len(x) for x in ids], dtype=np.int64)
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
@@ -192,25 +197,32 @@ class TextEncoder:
         if out is None:
             out = np.empty((int(offsets[-1]), self.dim), dtype=np.float16)
         pad = self.tokenizer.pad_token_id or 0
-        order = np.argsort(-lengths, kind="stable")
-        start = 0
-        while start < len(order):
-            n = int(lengths[order[start]])
-            stop = min(len(order), start + max(1, TOKENS_PER_BATCH // max(n, 1)))
-            batch = order[start:stop]
-            input_ids = torch.full((len(batch), n), pad, dtype=torch.long)
-            for row, j in enumerate(batch):
-                input_ids[row, : lengths[j]] = torch.as_tensor(ids[j])
-            mask = torch.arange(n)[None, :] < torch.from_numpy(lengths[batch])[:, None]
-            states = self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
-            states = states.to(torch.float16).numpy()
-            for row, j in enumerate(batch):
-                out[offsets[j] : offsets[j + 1]] = states[row, : lengths[j]]
-            if report is not None:
-                report(len(batch))
-            start = stop
+        with tqdm(total=len(ids), desc="encode captions", unit="cap", disable=not progress) as bar:
+            for batch in _length_sorted_batches(lengths):
+                n = int(lengths[batch[0]])
+                input_ids = torch.full((len(batch), n), pad, dtype=torch.long)
+                for row, j in enumerate(batch):
+                    input_ids[row, : lengths[j]] = torch.as_tensor(ids[j])
+                mask = torch.arange(n)[None, :] < torch.from_numpy(lengths[batch])[:, None]
+                states = self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
+                states = states.to(torch.float16).numpy()
+                for row, j in enumerate(batch):
+                    out[offsets[j] : offsets[j + 1]] = states[row, : lengths[j]]
+                bar.update(len(batch))
+                if report is not None:
+                    report(len(batch))
         return TokenFeatures(states=out, offsets=offsets)
 
-    def encode(self, captions: Sequence[str]) -> TokenFeatures:
+    def encode(self, captions: Sequence[str], progress: bool = False) -> TokenFeatures:
         """Per-token last hidden states of raw captions: [CLS] ... [SEP], no padding stored."""
-        return self.encode_ids(self.tokenize(captions)[0])
+        return self.encode_ids(self.tokenize(captions)[0], progress=progress)
+
+
+def _length_sorted_batches(lengths: np.ndarray) -> Iterator[np.ndarray]:
+    """Caption indices, longest first, cut into batches of at most TOKENS_PER_BATCH padded tokens."""
+    order = np.argsort(-lengths, kind="stable")
+    start = 0
+    while start < len(order):
+        stop = min(len(order), start + max(1, TOKENS_PER_BATCH // max(int(lengths[order[start]]), 1)))
+        yield order[start:stop]
+        start = stop
