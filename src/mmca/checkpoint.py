@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +9,7 @@ import torch
 
 from mmca.config import ModelConfig
 from mmca.errors import CheckpointError
+from mmca.io import atomic_write
 from mmca.model import MMCA
 
 FORMAT = "mmca-checkpoint-v1"
@@ -19,21 +18,9 @@ FORMAT = "mmca-checkpoint-v1"
 def save_checkpoint(path: str | Path, model: MMCA, **extra: Any) -> Path:
     """Write the model's weights and config plus `extra` (plain data and tensors only, e.g.
     optimiser state, epoch, RNG states). A crash mid-write never leaves a truncated file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "config": model.config.to_dict(),
                "model": model.state_dict(), **extra}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -8,8 +8,6 @@ captions only, and averages the metrics over the folds.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 from mmca import __version__
 from mmca.data.dataset import RetrievalDataset
 from mmca.errors import CheckpointError, DataError
+from mmca.io import atomic_write_text
 from mmca.metrics import Metrics, average_folds, retrieval_metrics
 from mmca.model import MMCA
 
@@ -202,19 +201,8 @@ def evaluate(
 def write_results(path: str | Path, result: EvaluationResult, **provenance: Any) -> Path:
     """Write the result, the mmca version and `provenance` (checkpoint, dataset root, ...) as
     JSON, atomically: a crash never leaves a truncated file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"mmca_version": __version__, **provenance, **result.to_dict()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def format_table(rows: dict[str, Metrics]) -> str:

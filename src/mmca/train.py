@@ -10,6 +10,7 @@ so a resumed run ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from mmca.data.dataset import RetrievalDataset
 from mmca.engine import mined_loss
 from mmca.errors import MmcaError
 from mmca.evaluate import evaluate
+from mmca.io import atomic_write_text
 from mmca.model import MMCA
 
 LOG_FIELDS = ["epoch", "loss", "loss_kind", "lr", "train_s", "val_s",
@@ -101,7 +103,7 @@ class Trainer:
         elif init_from is not None:
             self._init_weights(Path(init_from))
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        atomic_write_text(self.out_dir / "config.json", json.dumps(self.config.to_dict(), indent=2))
 
     def _init_weights(self, path: Path) -> None:
         """Start from another run's weights (e.g. the α = 0 model), keeping this config."""
@@ -204,10 +206,11 @@ class Trainer:
         return {"best_rsum": st.best_rsum, "best": str(self.best_path), "history": st.history}
 
     def _write_log(self) -> None:
-        with open(self.out_dir / "log.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-            writer.writeheader()
-            writer.writerows(self.state.history)
+        rows = io.StringIO()
+        writer = csv.DictWriter(rows, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(self.state.history)
+        atomic_write_text(self.out_dir / "log.csv", rows.getvalue())
         plot_curves(self.state.history, self.out_dir / "curves.png")
 
 

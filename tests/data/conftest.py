@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -10,24 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SHARED_DATA = Path(os.environ.get("MMCA_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
-
-
-def _shared(*parts: str) -> Path:
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared sample data not found at {path} (set MMCA_SHARED_DATA)")
-    return path
-
-
-@pytest.fixture(scope="session")
-def flickr8k() -> Path:
-    return _shared("flickr8k")
-
-
-@pytest.fixture(scope="session")
-def precomp_captions() -> Path:
-    return _shared("precomp-captions")
 
 
 @pytest.fixture(scope="session")

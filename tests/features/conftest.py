@@ -14,7 +14,6 @@ import torch
 from mmca.features.backbone import ImageBackbone
 from mmca.features.text_encoder import TextEncoder
 
-SHARED_DATA = Path(os.environ.get("MMCA_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses; see one_torch_thread
@@ -29,14 +28,6 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def flickr8k() -> Path:
-    path = SHARED_DATA / "flickr8k"
-    if not path.exists():
-        pytest.skip(f"shared sample data not found at {path} (set MMCA_SHARED_DATA)")
-    return path
 
 
 @pytest.fixture(scope="session")

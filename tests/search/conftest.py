@@ -14,7 +14,6 @@ from mmca.checkpoint import save_checkpoint
 from mmca.config import ModelConfig
 from mmca.model import MMCA
 
-SHARED_DATA = Path(os.environ.get("MMCA_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 N_IMAGES = 20
@@ -23,14 +22,6 @@ N_IMAGES = 20
 def small_checkpoint(path: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     return save_checkpoint(path, MMCA(ModelConfig(d=64, heads=4, cnn_filters=32)))
-
-
-@pytest.fixture(scope="session")
-def flickr8k() -> Path:
-    path = SHARED_DATA / "flickr8k"
-    if not path.exists():
-        pytest.skip(f"shared sample data not found at {path} (set MMCA_SHARED_DATA)")
-    return path
 
 
 @pytest.fixture(scope="session")

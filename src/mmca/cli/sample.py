@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from mmca.checkpoint import read_checkpoint
     from mmca.evaluate import PAPER_RESULTS, format_table
     from mmca.features.prepare import open_dataset
+    from mmca.io import atomic_write_text
     from mmca.train import Trainer
 
     started = time.perf_counter()
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     total = time.perf_counter() - started
     print(f"\n{table}\n\ntotal {total / 60:.1f} min (training: "
           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ")")
-    (args.out / "results.json").write_text(json.dumps(
+    atomic_write_text(args.out / "results.json", json.dumps(
         {"preset": args.preset, "dataset": str(args.dataset), "split": args.val_split,
          "metrics": rows, "train_seconds": timings, "total_seconds": round(total, 1)}, indent=2))
     return 0

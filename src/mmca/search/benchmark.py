@@ -104,7 +104,7 @@ def synthetic_index(out: Path, ckpt: Path, features: np.ndarray, n: int, seed: i
     """n synthetic images: each the region-wise mean of two random real images plus noise."""
     from mmca.checkpoint import load_model
     from mmca.engine import ScoringEngine
-    from mmca.search.index import GalleryIndex, IndexWriter, backbone_identity, checkpoint_identity
+    from mmca.search.index import GalleryIndex, IndexWriter, checkpoint_identity
 
     if (out / "index.sqlite").exists() and GalleryIndex(out).num_images == n:
         return out
