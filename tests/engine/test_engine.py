@@ -79,6 +79,12 @@ def test_exact_pruned_ranks_equal_exhaustive(small, max_rank):
     assert np.array_equal(ex.i2t, pr.i2t) and np.array_equal(ex.t2i, pr.t2i)
     assert pr.pair_passes <= ex.pair_passes
     assert ex.exact_below == max_rank
+    # memory-bounded tiles (here 1 image x 60 captions, 12 images x 4 captions): same ranks
+    model = small[0]
+    tiny = ScoringEngine(model, block_pairs=16, granule=8, pair_budget=50)
+    tb = tiny.ranks(images, texts, ci, mode="exact", max_rank=max_rank)
+    assert np.array_equal(ex.i2t, tb.i2t) and np.array_equal(ex.t2i, tb.t2i)
+    assert tb.pair_passes <= ex.pair_passes
 
 
 def test_ranks_follow_the_convention_on_ties(small):

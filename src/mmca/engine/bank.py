@@ -110,6 +110,24 @@ def bucket_length(n: int, granule: int) -> int:
     return int(math.ceil(n / granule) * granule)
 
 
+def bucketed_text_bank(c0: torch.Tensor, lengths: np.ndarray, granule: int, make_bucket,
+                       extra: dict | None = None) -> TextBank:
+    """A TextBank of captions with real token counts `lengths`, grouped in length buckets of
+    `granule`: make_bucket(length, members) -> the TextBucket of the captions at bank positions
+    `members` (ascending) padded to `length`; `c0` (M, d) float32 in bank order."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    padded = np.array([bucket_length(int(n), granule) for n in lengths], dtype=np.int64)
+    bucket_of = np.zeros(len(lengths), dtype=np.int64)
+    row_of = np.zeros(len(lengths), dtype=np.int64)
+    buckets = []
+    for length in np.unique(padded):
+        members = np.nonzero(padded == length)[0]
+        bucket_of[members] = len(buckets)
+        row_of[members] = np.arange(len(members))
+        buckets.append(make_bucket(int(length), members))
+    return TextBank(c0, lengths, buckets, bucket_of, row_of, extra=extra or {})
+
+
 def project_qkv(unit, x: torch.Tensor):
     """The cross unit's Q (pre-scaled by 1/sqrt(d/h)), K, V of rows x (B, L, d), each as a
     (B, h, L, dh) view of one fused projection."""
@@ -184,13 +202,21 @@ def text_bucket_from_encoded(model, e: torch.Tensor, c0: torch.Tensor, mask: tor
                              captions: torch.Tensor, dtype: torch.dtype = torch.float32):
     """(TextBucket, c0) from already projected tokens E' (B, L, d) with mask (B, L); the
     bucket length is L and its row tensors are stored in `dtype`."""
-    b, length = mask.shape
     unit = model.cross_unit
-    bucket = TextBucket(length, captions, torch.empty(b, length, unit.d, dtype=dtype, device=e.device),
-                        mask.contiguous(), *(torch.empty(b, unit.heads, length, unit.d // unit.heads,
-                                                         dtype=dtype, device=e.device) for _ in range(3)))
+    bucket = empty_text_bucket(captions, mask.shape[1], unit.d, unit.heads, dtype, e.device)
     fill_text_bucket(model, bucket, 0, e.detach(), mask)
     return bucket, c0.detach().float()
+
+
+def empty_text_bucket(captions: torch.Tensor, length: int, d: int, heads: int, dtype: torch.dtype,
+                      device) -> TextBucket:
+    """An uninitialised bucket for the captions at bank positions `captions`, to be filled
+    chunk by chunk (`fill_text_bucket`)."""
+    n = len(captions)
+    return TextBucket(length, captions, torch.empty(n, length, d, dtype=dtype, device=device),
+                      torch.empty(n, length, dtype=torch.bool, device=device),
+                      *(torch.empty(n, heads, length, d // heads, dtype=dtype, device=device)
+                        for _ in range(3)))
 
 
 def fill_text_bucket(model, bucket: TextBucket, start: int, e: torch.Tensor, mask: torch.Tensor) -> None:

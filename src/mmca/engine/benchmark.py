@@ -5,8 +5,8 @@
 (b) one training step at B (forward + backward + Adam): mine-then-recompute vs all B² pairs;
 (c) exact pruned vs exhaustive ranks: fraction of pair passes and equality of R@1/5/10
     (random weights by default; --checkpoint/--dataset for a trained model on real features);
-(d) peak memory (RSS, separate process) scoring a big random gallery with exact pruning, on a
-    time-limited portion of the blocks when the whole pass would take too long.
+(d) peak memory (RSS, separate process) ranking a big random gallery with exact pruning, with and
+    without max_rank, each on a time-limited portion when the whole pass would take too long.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 from mmca.config import ModelConfig
 from mmca.engine.mining import exhaustive_loss, mined_loss
-from mmca.engine.ranking import exact_blocks
+from mmca.engine.ranking import capped_rounds, exact_blocks
 from mmca.engine.scoring import ScoringEngine, inference_mode
 from mmca.metrics import DIRECTIONS, RECALL_AT, retrieval_metrics
 from mmca.model import MMCA
@@ -205,16 +205,33 @@ def bench_ranks(model, args, log) -> dict:
     return out
 
 
+def _peak_rss_gib() -> float:
+    """Peak resident set size of this process so far (VmHWM on Linux, else ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def memory_child(args) -> dict:
-    """Run in a fresh process: banks for the big gallery + exact pruned blocks until the time
-    limit; report peak RSS."""
+    """Run in a fresh process: banks for the big gallery, then the two exact ranking passes the
+    product runs, each until the time limit: mode "exact" without max_rank (image blocks) and
+    with max_rank 10 (the evaluation default: sure hits, then capped walks tile by tile);
+    report the peak RSS after each phase."""
     torch.manual_seed(0)
     model = MMCA(ModelConfig(dropout=0.0, d=args.d, heads=args.heads)).eval()
     eng = ScoringEngine(model, device=args.device, storage=args.big_storage)
+    out = {"gallery": f"{args.big_images} x {args.big_captions}", "storage": eng.storage,
+           "peak_rss_gib_start": _peak_rss_gib()}
     t0 = time.perf_counter()
     ib = eng.image_bank(RandomImages(args.big_images, args.regions, model.config.img_dim, seed=41))
     tb = eng.text_bank(RandomTokens(args.big_captions, model.config.txt_dim, seed=42))
-    build_s = time.perf_counter() - t0
+    out.update(bank_gib=(ib.nbytes + tb.nbytes) / 2**30, bank_build_s=time.perf_counter() - t0,
+               peak_rss_gib_banks=_peak_rss_gib())
     per = args.big_captions // args.big_images
     gimg = torch.as_tensor(np.arange(args.big_captions) // per, device=eng.device)
     t0 = time.perf_counter()
@@ -230,18 +247,23 @@ def memory_child(args) -> dict:
     elapsed = time.perf_counter() - t0
     rate = passes / max(time.perf_counter() - t1, 1e-9)
     remaining = len(ib) * len(tb) * (passes / max(done_images * len(tb), 1)) - passes
-    return {
-        "gallery": f"{args.big_images} x {args.big_captions}",
-        "storage": eng.storage,
-        "bank_gib": (ib.nbytes + tb.nbytes) / 2**30,
-        "bank_build_s": build_s,
-        "images_done": done_images,
-        "pair_passes_done": passes,
-        "undecided_fraction_so_far": passes / max(done_images * len(tb), 1),
-        "pairs_per_s": rate,
-        "estimated_full_hours": (elapsed + remaining / max(rate, 1e-9)) / 3600,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-    }
+    out.update(images_done=done_images, pair_passes_done=passes,
+               undecided_fraction_so_far=passes / max(done_images * len(tb), 1), pairs_per_s=rate,
+               estimated_full_hours=(elapsed + remaining / max(rate, 1e-9)) / 3600,
+               peak_rss_gib_exact=_peak_rss_gib())
+    # mode "exact", max_rank 10: pass 1 over every tile, then the first tiles' capped walks
+    t0, t1, rounds = time.perf_counter(), None, 0
+    for _ in capped_rounds(eng, ib, tb, gimg, 10):
+        if t1 is None:  # first yield: thresholds and sure hits done
+            t1, start_passes = time.perf_counter(), eng.pair_passes
+            continue
+        rounds += 1
+        if time.perf_counter() - t1 > args.big_seconds:
+            break
+    out.update(capped_setup_s=t1 - t0, capped_rounds=rounds,
+               capped_pair_passes=eng.pair_passes - start_passes, capped_s=time.perf_counter() - t1,
+               peak_rss_gib_capped=_peak_rss_gib(), peak_rss_gib=_peak_rss_gib())
+    return out
 
 
 def bench_memory(args, log) -> dict:
@@ -253,12 +275,17 @@ def bench_memory(args, log) -> dict:
         log(f"(d) memory run failed:\n{res.stderr[-2000:]}")
         return {"error": res.stderr[-2000:]}
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    log(f"(d) {out['gallery']} random gallery, exact pruning, image blocks of {args.big_image_block}: "
-        f"banks ({out['storage']} storage) {out['bank_gib']:.2f} GiB (built in {out['bank_build_s']:.0f} s), "
-        f"peak RSS {out['peak_rss_gib']:.2f} GiB; ran {out['images_done']} images' blocks "
+    log(f"(d) {out['gallery']} random gallery: banks ({out['storage']} storage) {out['bank_gib']:.2f} GiB "
+        f"(built in {out['bank_build_s']:.0f} s), peak RSS {out['peak_rss_gib']:.2f} GiB "
+        f"(after import {out['peak_rss_gib_start']:.2f}, banks {out['peak_rss_gib_banks']:.2f}, "
+        f"exact {out['peak_rss_gib_exact']:.2f}, exact max_rank 10 {out['peak_rss_gib_capped']:.2f})")
+    log(f"    exact, image blocks of {args.big_image_block}: {out['images_done']} images' blocks "
         f"({out['pair_passes_done']} pair passes, {out['pairs_per_s']:.0f} pairs/s, undecided "
         f"{out['undecided_fraction_so_far']:.1%}) in the {args.big_seconds:.0f} s limit; the whole "
         f"pass would take ~{out['estimated_full_hours']:.1f} h here")
+    log(f"    exact max_rank 10: thresholds and sure-hit pass {out['capped_setup_s']:.0f} s, then "
+        f"{out['capped_rounds']} scoring rounds ({out['capped_pair_passes']} pair passes) in "
+        f"{out['capped_s']:.0f} s")
     return out
 
 

@@ -13,11 +13,10 @@ near-ties resolve exactly as in the full computation.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from mmca.engine.bank import (TextBank, bucket_length, image_bank_from_encoded, pad_tokens,
+from mmca.engine.bank import (bucketed_text_bank, image_bank_from_encoded, pad_tokens,
                               text_bucket_from_encoded)
 from mmca.engine.scoring import ScoringEngine, inference_mode
 from mmca.loss import max_violation_loss, sum_violation_loss
@@ -63,19 +62,14 @@ def _batch_banks(engine: ScoringEngine, r, i0, e, c0, mask):
     """Image and text banks of one batch from its encoded (detached) items."""
     model = engine.model
     images = image_bank_from_encoded(model, r, i0, engine.storage_dtype)
-    lengths = mask.sum(1).cpu().numpy()
-    padded = np.array([bucket_length(int(n), engine.length_granule) for n in lengths])
-    bsz = len(lengths)
-    buckets, bucket_of, row_of = [], np.zeros(bsz, np.int64), np.zeros(bsz, np.int64)
-    for length in np.unique(padded):
-        members = np.nonzero(padded == length)[0]
+
+    def make_bucket(length, members):
         idx = torch.as_tensor(members, device=e.device)
-        ee, mm = pad_tokens(e[idx], mask[idx], int(length))
-        bucket, _ = text_bucket_from_encoded(model, ee, c0[idx], mm, idx, engine.storage_dtype)
-        bucket_of[members] = len(buckets)
-        row_of[members] = np.arange(len(members))
-        buckets.append(bucket)
-    texts = TextBank(c0.detach().float(), lengths, buckets, bucket_of, row_of)
+        ee, mm = pad_tokens(e[idx], mask[idx], length)
+        return text_bucket_from_encoded(model, ee, c0[idx], mm, idx, engine.storage_dtype)[0]
+
+    texts = bucketed_text_bank(c0.detach().float(), mask.sum(1).cpu().numpy(), engine.length_granule,
+                               make_bucket)
     return images, texts
 
 

@@ -51,7 +51,7 @@ def ranks(engine, images, texts, caption_image, mode: str = "exact", max_rank: i
         if max_rank is None:
             i2t, t2i = _exact_all(engine, images, texts, gimg, image_block)
         else:
-            i2t, t2i = _exact_capped(engine, images, texts, gimg, int(max_rank), image_block)
+            i2t, t2i = _exact_capped(engine, images, texts, gimg, int(max_rank))
     elif mode == "shortlist":
         i2t, t2i = _shortlist(engine, images, texts, gimg, int(shortlist_k), image_block)
     else:
@@ -73,13 +73,30 @@ def _exhaustive(engine, images, texts, gimg, image_block):
     return i2t, t2i
 
 
-def _bounds(engine, images, texts, gimg, s, e, tau, sigma):
-    """For images s:e: sure hits and undecided pairs in both directions."""
-    g = images.i0[s:e] @ texts.c0.T
-    neg = gimg[None, :] != torch.arange(s, e, device=engine.device)[:, None]
+def _spans(n: int, block: int) -> list[tuple[int, int]]:
+    return [(s, min(n, s + block)) for s in range(0, n, max(1, block))]
+
+
+def _tiles(engine, n: int, m: int):
+    """The tiles of the pair matrix that the exact passes hold at once: image spans of at most
+    `pair_budget / M` images (an image tile times all captions holds ~pair_budget pairs) and
+    caption spans of at most `pair_budget / N` captions. Candidate lists, masks and index
+    vectors scale with the budget, not with the gallery."""
+    budget = engine.pair_budget
+    return _spans(n, max(1, budget // max(m, 1))), _spans(m, max(1, budget // max(n, 1)))
+
+
+def _bounds(engine, images, texts, gimg, s, e, tau, sigma, cs: int = 0, ce: int | None = None):
+    """For images s:e and captions cs:ce: i0·c0 and the pairs the bound decides as sure hits or
+    leaves undecided, in both directions. A pair's decision depends on the floats of g, which
+    depend on the product's shapes: passes that must agree on it use the same tiles."""
+    ce = len(texts) if ce is None else ce
+    g = images.i0[s:e] @ texts.c0[cs:ce].T
+    neg = gimg[None, cs:ce] != torch.arange(s, e, device=engine.device)[:, None]
     lo, hi = g - engine.slack, g + engine.slack
-    sure_t = neg & (lo >= tau[None, :])
-    maybe_t = neg & (hi >= tau[None, :]) & ~sure_t
+    t = tau[None, cs:ce]
+    sure_t = neg & (lo >= t)
+    maybe_t = neg & (hi >= t) & ~sure_t
     sig = sigma[s:e, None]
     sure_i = neg & (lo >= sig)
     maybe_i = neg & (hi >= sig) & ~sure_i
@@ -95,20 +112,21 @@ def _exact_all(engine, images, texts, gimg, image_block):
 
 
 def exact_blocks(engine, images, texts, gimg, image_block: int = 256):
-    """The exact pruned pass of mode "exact" (no max_rank), one image block at a time: yields
-    (i2t, t2i, images done) once the thresholds are known (0 images done) and after each
-    image block; the ranks are complete after the last one (the memory benchmark runs a
-    time-limited prefix of it)."""
+    """The exact pruned pass of mode "exact" (no max_rank), one image block at a time (at most
+    `engine.pair_budget` pairs): yields (i2t, t2i, images done) once the thresholds are known
+    (0 images done) and after each image block; the ranks are complete after the last one
+    (the memory benchmark runs a time-limited prefix of it)."""
+    n, m = len(images), len(texts)
     tau, sigma = _thresholds(engine, images, texts, gimg)
-    t2i = torch.zeros(len(texts), dtype=torch.int64, device=engine.device)
-    i2t = torch.zeros(len(images), dtype=torch.int64, device=engine.device)
+    t2i = torch.zeros(m, dtype=torch.int64, device=engine.device)
+    i2t = torch.zeros(n, dtype=torch.int64, device=engine.device)
     yield i2t, t2i, 0
-    for s in range(0, len(images), image_block):
-        e = min(len(images), s + image_block)
+    for s, e in _spans(n, min(image_block, max(1, engine.pair_budget // max(m, 1)))):
         _, sure_t, maybe_t, sure_i, maybe_i = _bounds(engine, images, texts, gimg, s, e, tau, sigma)
         t2i += sure_t.sum(0)
         i2t[s:e] += sure_i.sum(1)
         ii, jj = (maybe_t | maybe_i).nonzero(as_tuple=True)
+        del sure_t, sure_i
         if len(ii):
             score = engine.pair_scores(images, texts, ii + s, jj)
             t2i.index_add_(0, jj, (maybe_t[ii, jj] & (score >= tau[jj])).long())
@@ -117,30 +135,40 @@ def exact_blocks(engine, images, texts, gimg, image_block: int = 256):
 
 
 class _PairCache:
-    """Scores already computed, keyed by i * M + j, so both directions share them."""
+    """Scores already computed, keyed by i * M + j, so both directions share them. Kept as a
+    few sorted runs of geometrically decreasing size (merged like a binary counter), so adding
+    k scores costs O(k log K) rather than re-sorting all K."""
 
     def __init__(self, m: int):
         self.m = m
-        self.keys = np.zeros(0, dtype=np.int64)
-        self.vals = np.zeros(0, dtype=np.float32)
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def __len__(self) -> int:
+        return sum(len(k) for k, _ in self.runs)
 
     def get(self, engine, images, texts, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         key = i.astype(np.int64) * self.m + j
-        pos = np.searchsorted(self.keys, key)
-        pos_c = np.minimum(pos, max(len(self.keys) - 1, 0))
-        found = (pos < len(self.keys)) & (self.keys[pos_c] == key) if len(self.keys) else np.zeros(len(key), bool)
         out = np.empty(len(key), dtype=np.float32)
-        out[found] = self.vals[pos_c[found]]
-        missing = np.unique(key[~found])
+        found = np.zeros(len(key), dtype=bool)
+        for keys, vals in self.runs:
+            pos = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
+            hit = ~found & (keys[pos] == key)
+            out[hit] = vals[pos[hit]]
+            found |= hit
+        missing, inverse = np.unique(key[~found], return_inverse=True)
         if len(missing):
             sc = engine.pair_scores(images, texts, missing // self.m, missing % self.m).cpu().numpy()
-            keys = np.concatenate([self.keys, missing])
-            vals = np.concatenate([self.vals, sc])
-            order = np.argsort(keys, kind="stable")
-            self.keys, self.vals = keys[order], vals[order]
-            pos = np.searchsorted(self.keys, key[~found])
-            out[~found] = self.vals[pos]
+            out[~found] = sc[inverse]
+            self._add(missing, sc)
         return out
+
+    def _add(self, keys: np.ndarray, vals: np.ndarray) -> None:
+        self.runs.append((keys, vals))  # np.unique sorted them
+        while len(self.runs) > 1 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
+            (k1, v1), (k2, v2) = self.runs.pop(), self.runs.pop()
+            k, v = np.concatenate([k2, k1]), np.concatenate([v2, v1])
+            order = np.argsort(k, kind="stable")
+            self.runs.append((k[order], v[order]))
 
 
 def _ragged(starts: np.ndarray, counts: np.ndarray):
@@ -150,69 +178,100 @@ def _ragged(starts: np.ndarray, counts: np.ndarray):
     return rows, np.repeat(starts, counts) + offs
 
 
-def _exact_capped(engine, images, texts, gimg, max_rank, image_block):
-    """Ranks exact below max_rank: sure hits first, then each unsettled query's undecided
-    candidates in bound order (highest i0·c0 first), stopping once rank >= max_rank."""
+def _exact_capped(engine, images, texts, gimg, max_rank):
+    i2t = t2i = None
+    for i2t, t2i in capped_rounds(engine, images, texts, gimg, max_rank):
+        pass
+    return torch.as_tensor(i2t, device=engine.device), torch.as_tensor(t2i, device=engine.device)
+
+
+class _Queries:
+    """The open queries of one tile (caption span for t2i, image span for i2t): each one's
+    undecided candidates in bound order (highest i0·c0 first, then index), a cursor into them
+    and its hit count (a view into the direction's global counts)."""
+
+    def __init__(self, first: int, hits: np.ndarray, thr: np.ndarray, q, c, g):
+        self.first, self.hits, self.thr = first, hits, thr
+        q = np.concatenate(q) - first if q else np.zeros(0, np.int64)
+        c = np.concatenate(c) if c else np.zeros(0, np.int64)
+        g = np.concatenate(g) if g else np.zeros(0, np.float32)
+        order = np.lexsort((c, -g, q))
+        self.cand = c[order]
+        self.count = np.bincount(q, minlength=len(hits))
+        self.start = np.cumsum(self.count) - self.count
+        self.cur = np.zeros(len(hits), np.int64)
+
+    def next(self, max_rank: int, chunk: int):
+        """-> (query (global), candidate) of the next `chunk` candidates of every query still
+        open (fewer than max_rank hits) and not exhausted; advances the cursors."""
+        act = np.nonzero((self.hits < max_rank) & (self.cur < self.count))[0]
+        take = np.minimum(chunk, self.count[act] - self.cur[act])
+        rows, pos = _ragged(self.start[act] + self.cur[act], take)
+        self.cur[act] += take
+        return act[rows] + self.first, self.cand[pos]
+
+    def score(self, q: np.ndarray, s: np.ndarray) -> None:
+        local = q - self.first
+        self.hits += np.bincount(local[s >= self.thr[local]], minlength=len(self.hits))
+
+
+def capped_rounds(engine, images, texts, gimg, max_rank: int):
+    """Mode "exact" with max_rank: ranks exact below max_rank. Pass 1 counts the sure hits of
+    every query (i0·c0 only); then, tile by tile (a caption span for t2i alongside an image span
+    for i2t, each at most `engine.pair_budget` candidate pairs), each query still open scores
+    its undecided candidates in bound order, `chunk` at a time (doubling), until it has
+    max_rank hits or none left. Yields (i2t, t2i) (numpy, views of the running counts) after
+    pass 1 and after every scoring round; complete after the last."""
     n, m = len(images), len(texts)
     tau, sigma = _thresholds(engine, images, texts, gimg)
+    img_tiles, cap_tiles = _tiles(engine, n, m)
+    tiles = [(i, c) for i in img_tiles for c in cap_tiles]
     sure_t = torch.zeros(m, dtype=torch.int64, device=engine.device)
     sure_i = torch.zeros(n, dtype=torch.int64, device=engine.device)
-    for s in range(0, n, image_block):  # pass 1: sure hits (cheap: i0·c0 only)
-        e = min(n, s + image_block)
-        _, st, _, si, _ = _bounds(engine, images, texts, gimg, s, e, tau, sigma)
-        sure_t += st.sum(0)
+    for (s, e), (cs, ce) in tiles:  # pass 1: sure hits (cheap: i0·c0 only)
+        _, st, _, si, _ = _bounds(engine, images, texts, gimg, s, e, tau, sigma, cs, ce)
+        sure_t[cs:ce] += st.sum(0)
         sure_i[s:e] += si.sum(1)
     open_t, open_i = sure_t < max_rank, sure_i < max_rank
-    cand_t, cand_i = [], []  # (query, candidate, g) of undecided pairs of open queries
-    for s in range(0, n, image_block):  # pass 2: the undecided candidates of open queries
-        e = min(n, s + image_block)
-        g, _, mt, _, mi = _bounds(engine, images, texts, gimg, s, e, tau, sigma)
-        mt &= open_t[None, :]
-        mi &= open_i[s:e, None]
-        ii, jj = mt.nonzero(as_tuple=True)
-        cand_t.append(torch.stack([jj, ii + s]).cpu().numpy())
-        cand_t.append(g[ii, jj].cpu().numpy()[None])
-        ii, jj = mi.nonzero(as_tuple=True)
-        cand_i.append(torch.stack([ii + s, jj]).cpu().numpy())
-        cand_i.append(g[ii, jj].cpu().numpy()[None])
-
-    def lists(parts, nq):
-        q = np.concatenate([p[0] for p in parts[0::2]]) if parts else np.zeros(0, np.int64)
-        c = np.concatenate([p[1] for p in parts[0::2]]) if parts else np.zeros(0, np.int64)
-        g = np.concatenate([p[0] for p in parts[1::2]]) if parts else np.zeros(0, np.float32)
-        order = np.lexsort((c, -g, q))  # per query: bound order, then index
-        q, c = q[order], c[order]
-        counts = np.bincount(q, minlength=nq)
-        return c, np.cumsum(counts) - counts, counts
-
-    tc, t_start, t_len = lists(cand_t, m)
-    ic, i_start, i_len = lists(cand_i, n)
-    tau_np, sigma_np = tau.cpu().numpy(), sigma.cpu().numpy()
     hits_t, hits_i = sure_t.cpu().numpy().copy(), sure_i.cpu().numpy().copy()
-    cur_t, cur_i = np.zeros(m, np.int64), np.zeros(n, np.int64)
+    tau_np, sigma_np = tau.cpu().numpy(), sigma.cpu().numpy()
+    yield hits_i, hits_t
     cache = _PairCache(m)
-    chunk = 8
-    while True:
-        act_t = np.nonzero((hits_t < max_rank) & (cur_t < t_len))[0]
-        act_i = np.nonzero((hits_i < max_rank) & (cur_i < i_len))[0]
-        if not len(act_t) and not len(act_i):
-            break
-        take_t = np.minimum(chunk, t_len[act_t] - cur_t[act_t])
-        take_i = np.minimum(chunk, i_len[act_i] - cur_i[act_i])
-        rt, pt = _ragged(t_start[act_t] + cur_t[act_t], take_t)
-        ri, pi = _ragged(i_start[act_i] + cur_i[act_i], take_i)
-        qt, qi = act_t[rt], act_i[ri]
-        img = np.concatenate([tc[pt], qi])
-        cap = np.concatenate([qt, ic[pi]])
-        sc = cache.get(engine, images, texts, img, cap)
-        st, si = sc[:len(pt)], sc[len(pt):]
-        hits_t += np.bincount(qt[st >= tau_np[qt]], minlength=m)
-        hits_i += np.bincount(qi[si >= sigma_np[qi]], minlength=n)
-        cur_t[act_t] += take_t
-        cur_i[act_i] += take_i
-        chunk *= 2
-    dev = engine.device
-    return torch.as_tensor(hits_i, device=dev), torch.as_tensor(hits_t, device=dev)
+    for k in range(max(len(img_tiles), len(cap_tiles))):
+        # the undecided candidates of the open queries of caption span k and image span k
+        qt, ct, gt, qi, ci, gi = [], [], [], [], [], []
+        cspan = cap_tiles[k] if k < len(cap_tiles) else (m, m)
+        ispan = img_tiles[k] if k < len(img_tiles) else (n, n)
+        for (s, e), (cs, ce) in tiles:
+            t_here = cspan[0] <= cs < cspan[1]
+            i_here = ispan[0] <= s < ispan[1]
+            if not (t_here or i_here):
+                continue
+            g, _, mt, _, mi = _bounds(engine, images, texts, gimg, s, e, tau, sigma, cs, ce)
+            for here, mask, open_, qs, cs_, gs, t_dir in ((t_here, mt, open_t[None, cs:ce], qt, ct, gt, True),
+                                                          (i_here, mi, open_i[s:e, None], qi, ci, gi, False)):
+                if not here:
+                    continue
+                ii, jj = (mask & open_).nonzero(as_tuple=True)
+                qs.append((jj + cs if t_dir else ii + s).cpu().numpy())
+                cs_.append((ii + s if t_dir else jj + cs).cpu().numpy())
+                gs.append(g[ii, jj].cpu().numpy())
+            del g, mt, mi
+        tq = _Queries(cspan[0], hits_t[cspan[0]:cspan[1]], tau_np[cspan[0]:cspan[1]], qt, ct, gt)
+        iq = _Queries(ispan[0], hits_i[ispan[0]:ispan[1]], sigma_np[ispan[0]:ispan[1]], qi, ci, gi)
+        del qt, ct, gt, qi, ci, gi
+        chunk = 8
+        while True:
+            cap_q, img_c = tq.next(max_rank, chunk)
+            img_q, cap_c = iq.next(max_rank, chunk)
+            if not len(cap_q) and not len(img_q):
+                break
+            sc = cache.get(engine, images, texts, np.concatenate([img_c, img_q]),
+                           np.concatenate([cap_q, cap_c]))
+            tq.score(cap_q, sc[:len(cap_q)])
+            iq.score(img_q, sc[len(cap_q):])
+            chunk *= 2
+            yield hits_i, hits_t
 
 
 def _shortlist(engine, images, texts, gimg, k, image_block):
@@ -231,10 +290,6 @@ def _shortlist(engine, images, texts, gimg, k, image_block):
                          lambda q, c, s=s: engine.pair_scores(images, texts, q + s, c), k)
         for s, e in _spans(n, image_block)]) if n else torch.zeros(0, dtype=torch.int64, device=dev)
     return i2t, t2i
-
-
-def _spans(n: int, block: int):
-    return [(s, min(n, s + block)) for s in range(0, n, block)]
 
 
 def _shortlist_ranks(g, own, score, k):

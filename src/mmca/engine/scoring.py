@@ -8,8 +8,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mmca.engine.bank import (ImageBank, TextBank, TextBucket, bucket_length, build_image_bank,
-                              empty_image_bank, fill_image_bank, fill_text_bucket, pad_tokens)
+from mmca.engine.bank import (ImageBank, TextBank, bucketed_text_bank, build_image_bank,
+                              empty_image_bank, empty_text_bucket, fill_image_bank, fill_text_bucket,
+                              pad_tokens)
 from mmca.engine.pairs import CrossWeights, score_block
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -45,11 +46,14 @@ class ScoringEngine:
     the exact and exhaustive modes on the same banks; scores are no longer the fp32 model's).
     `block_pairs` bounds the pairs scored at once (memory ~ block_pairs x (k + L) x d floats);
     `granule` pads every block to a multiple of that many pairs so a pair is always computed
-    with the same shapes; `length_granule` sets the caption length buckets.
+    with the same shapes; `length_granule` sets the caption length buckets. `pair_budget` bounds
+    the candidate pairs the exact rank passes hold at once (their masks, index vectors and
+    candidate lists, ~50 bytes a pair), whatever the gallery size.
     """
 
     def __init__(self, model, device=None, precision: str = "fp32", block_pairs: int = 64,
-                 granule: int = 16, length_granule: int = 4, storage: str | None = None):
+                 granule: int = 16, length_granule: int = 4, storage: str | None = None,
+                 pair_budget: int = 1 << 21):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
         if storage is not None and storage not in STORAGE:
@@ -63,6 +67,7 @@ class ScoringEngine:
         self.granule = max(1, int(granule))
         self.block_pairs = max(self.granule, int(block_pairs) // self.granule * self.granule)
         self.length_granule = max(1, int(length_granule))
+        self.pair_budget = max(1, int(pair_budget))
         self.weights = CrossWeights(self.model, self.dtype)
         self.alpha = float(model.alpha)
         # |S - i0·c0| <= alpha * |i1·c1| <= alpha (1 + tol), plus rounding of i0·c0 itself
@@ -127,24 +132,13 @@ class ScoringEngine:
         lengths = np.asarray(all_lengths)[index]
         if len(index) and lengths.min() < 1:
             raise ValueError("every caption needs at least one token")
-        padded = np.array([bucket_length(int(n), self.length_granule) for n in lengths], dtype=np.int64)
-        m = len(index)
         c = self.model.config
-        dh, dt = c.d // c.heads, self.storage_dtype
-        c0 = torch.empty(m, c.d, device=self.device)
-        bucket_of = np.zeros(m, dtype=np.int64)
-        row_of = np.zeros(m, dtype=np.int64)
-        buckets = []
-        for length in np.unique(padded):
-            length = int(length)
-            members = np.nonzero(padded == length)[0]  # positions in the bank, ascending
-            mb = len(members)
-            bucket = TextBucket(  # filled in place, chunk by chunk
-                length, torch.as_tensor(members, device=self.device),
-                torch.empty(mb, length, c.d, dtype=dt, device=self.device),
-                torch.empty(mb, length, dtype=torch.bool, device=self.device),
-                *(torch.empty(mb, c.heads, length, dh, dtype=dt, device=self.device) for _ in range(3)))
-            for s in range(0, mb, batch_size):
+        c0 = torch.empty(len(index), c.d, device=self.device)
+
+        def make_bucket(length, members):  # filled in place, chunk by chunk
+            bucket = empty_text_bucket(torch.as_tensor(members, device=self.device), length, c.d,
+                                       c.heads, self.storage_dtype, self.device)
+            for s in range(0, len(members), batch_size):
                 pos = members[s:s + batch_size]
                 tok, msk = fetch(index[pos])
                 tok, msk = pad_tokens(tok.to(self.device), msk.to(self.device), length)
@@ -152,10 +146,9 @@ class ScoringEngine:
                 fill_text_bucket(self.model, bucket, s, e, msk)
                 c0[torch.as_tensor(pos, device=self.device)] = cc.float()
                 del tok, msk, e, cc
-            bucket_of[members] = len(buckets)
-            row_of[members] = np.arange(mb)
-            buckets.append(bucket)
-        return TextBank(c0, lengths, buckets, bucket_of, row_of, extra={"index": index})
+            return bucket
+
+        return bucketed_text_bank(c0, lengths, self.length_granule, make_bucket, {"index": index})
 
     # ---- scores ------------------------------------------------------------------------
     @torch.no_grad()
