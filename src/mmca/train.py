@@ -64,7 +64,7 @@ def build_optimizer(model: MMCA, config: TrainConfig) -> torch.optim.Adam:
     rest = [p for p in model.parameters() if id(p) not in cross_ids]
     return torch.optim.Adam([{"params": rest, "lr_scale": 1.0},
                              {"params": cross, "lr_scale": config.cross_lr_scale}],
-                            lr=config.lr, fused=True)
+                            lr=config.lr)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
