@@ -77,6 +77,8 @@ def test_resume_with_another_config_is_refused(tmp_path):
 
 CHILD = textwrap.dedent("""
     import os, signal, sys
+    import torch
+    torch.set_num_threads({threads})  # float reductions depend on the thread count
     sys.path.insert(0, {tests!r})
     from test_train import train_tiny
     from mmca.train import Trainer
@@ -96,7 +98,8 @@ CHILD = textwrap.dedent("""
 def test_killed_run_resumes_to_the_same_final_weights(tmp_path):
     straight, _ = train_tiny(tmp_path / "straight")
     # 15 batches per epoch, a save every 2: die in epoch 2 at its 5th batch, one batch after a save.
-    script = CHILD.format(tests=os.path.dirname(__file__), die_at=20, out=str(tmp_path / "killed"))
+    script = CHILD.format(tests=os.path.dirname(__file__), die_at=20, out=str(tmp_path / "killed"),
+                          threads=torch.get_num_threads())
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert child.returncode == -signal.SIGKILL, child.stderr
     state = read_checkpoint(tmp_path / "killed" / "last.pt")["state"]

@@ -170,9 +170,12 @@ class Trainer:
         bar.close()
         return st.loss_sum / max(st.step, 1), kind, lr
 
-    def _is_collapsed(self, loss: float, kind: str, rsum: float) -> bool:
-        """Every score equal: the max-violation loss sits at 2·B·margin and recalls vanish."""
-        return kind == "max" and loss >= 0.98 * collapse_floor(self.config) and rsum < 10.0
+    def _is_collapsed(self, loss: float, kind: str, metrics: dict) -> bool:
+        """Every score equal: the max-violation loss sits at 2·B·margin, and since ties count
+        against the true item, R@1 drops to 0 both ways (a healthy first epoch near the
+        floor still ranks some true items first)."""
+        r1 = metrics["i2t_r1"] + metrics["t2i_r1"]
+        return kind == "max" and loss >= 0.98 * collapse_floor(self.config) and r1 < 1.0
 
     def run(self) -> dict:
         cfg, st = self.config, self.state
@@ -187,10 +190,11 @@ class Trainer:
             row = {"epoch": st.epoch + 1, "loss": round(loss, 4), "loss_kind": kind, "lr": lr,
                    "train_s": round(train_s, 1), "val_s": round(result.seconds, 1),
                    **{k: round(m[k], 2) for k in LOG_FIELDS[6:13]},
-                   "collapsed": self._is_collapsed(loss, kind, m["rsum"])}
+                   "collapsed": self._is_collapsed(loss, kind, m)}
             if row["collapsed"]:
                 self.log(f"WARNING: training collapsed in epoch {row['epoch']}: loss {loss:.2f} "
-                         f"≈ 2·B·margin = {collapse_floor(cfg):.1f}, dev rsum {m['rsum']:.1f}. "
+                         f"≈ 2·B·margin = {collapse_floor(cfg):.1f}, dev R@1 {m['i2t_r1']:.1f}"
+                         f" / {m['t2i_r1']:.1f}. "
                          "Try --warmup-epochs 1, a lower --cross-lr-scale, or --init-from an α = 0 run.")
             st.history.append(row)
             self.log(f"epoch {row['epoch']}/{cfg.epochs} [{kind}] loss {loss:.4f} | dev "
