@@ -96,8 +96,9 @@ class ScoringEngine:
             fetch = lambda s, e: src.image_batch(np.arange(s, e))  # noqa: E731
         else:
             n = len(src)
+            # np.array copies the chunk: a read-only memmap must not back a tensor
             fetch = lambda s, e: torch.as_tensor(src[s:e] if torch.is_tensor(src)  # noqa: E731
-                                                 else np.asarray(src[s:e])).float()
+                                                 else np.array(src[s:e], dtype=np.float32)).float()
         bank = None
         for s in range(0, n, batch_size):  # filled in place, chunk by chunk: no transient copy
             e = min(n, s + batch_size)
