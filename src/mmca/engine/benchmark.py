@@ -272,8 +272,8 @@ def bench_memory(args, log) -> dict:
            *_memory_argv(args)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     if res.returncode:
-        log(f"(d) memory run failed:\n{res.stderr[-2000:]}")
-        return {"error": res.stderr[-2000:]}
+        log(f"(d) memory run failed (exit status {res.returncode}):\n{res.stderr[-2000:]}")
+        return {"error": res.stderr[-2000:], "returncode": res.returncode}
     out = json.loads(res.stdout.strip().splitlines()[-1])
     log(f"(d) {out['gallery']} random gallery: banks ({out['storage']} storage) {out['bank_gib']:.2f} GiB "
         f"(built in {out['bank_build_s']:.0f} s), peak RSS {out['peak_rss_gib']:.2f} GiB "
