@@ -3,5 +3,6 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/bootstrap.sh"
+cd "$root"  # runs go to ./runs (ignored) whatever the caller's directory
 data="${MMCA_SAMPLE:-$root/../shared/data/flickr8k}"
 exec "$root/.venv/bin/mmca" sample "$data" "$@"
