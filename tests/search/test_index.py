@@ -15,7 +15,7 @@ from mmca.engine import ImageBank
 from mmca.errors import CheckpointError, DataError
 from mmca.search import GalleryIndex, Searcher, add_to_index, build_from_folder
 from mmca.search.index import IMAGE_FIELDS, IndexWriter
-from mmca.search.query import cross_token_region_attention
+from mmca.search.query import cross_token_region_attention, merge_topk
 
 N_IMAGES = 20  # as in conftest.py
 
@@ -57,6 +57,25 @@ def test_gathered_prefix_matches_resident_on_many_queries(index_dir):
         ra, _ = a.search_text(q, 3)
         rb, _ = b.search_text(q, 3)
         assert [r["id"] for r in ra] == [r["id"] for r in rb]
+
+
+def test_gathered_walk_scores_each_candidate_once(index_dir):
+    """Small chunks force a multi-chunk walk: same top-k as resident, no pair scored twice."""
+    a, b = Searcher(index_dir, resident=True), Searcher(index_dir, resident=False)
+    b.first_chunk = 1
+    for q in QUERIES + ["dog", "red"]:
+        for k in (1, 2, 5):
+            ra, _ = a.search_text(q, k)
+            rb, stats = b.search_text(q, k)
+            assert [r["id"] for r in ra] == [r["id"] for r in rb]
+            assert [r["score"] for r in ra] == [r["score"] for r in rb]
+            assert stats.pair_passes <= stats.candidates
+
+
+def test_merge_topk_breaks_ties_by_lower_id():
+    s, i = merge_topk(torch.tensor([0.5, 0.3]), torch.tensor([7, 2]),
+                      torch.tensor([0.5, 0.9, 0.3]), torch.tensor([3, 9, 1]), 4)
+    assert i.tolist() == [9, 3, 7, 1] and s.tolist() == pytest.approx([0.9, 0.5, 0.5, 0.3])
 
 
 def test_scores_match_the_model_forward(searcher):

@@ -23,9 +23,20 @@ presets:
 """ + "\n".join(f"  {name:8s} {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g}"
                 for name, cfg in PRESETS.items())
 
+
+
+def epoch_list(text: str) -> tuple[int, ...]:
+    """'8' or '4,8' -> (4, 8); '' -> () (no decay)."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected epochs like '8' or '4,8', got {text!r}") from None
+
+
 # Command-line overrides of the preset: flag -> (TrainConfig field, type).
 OVERRIDES = {
-    "epochs": int, "batch_size": int, "lr": float, "warmup_epochs": int, "cross_lr_scale": float,
+    "epochs": int, "batch_size": int, "lr": float, "lr_decay_epochs": epoch_list,
+    "warmup_epochs": int, "cross_lr_scale": float,
     "grad_clip": float, "margin": float, "seed": int, "mining_precision": str,
     "model_alpha": float, "model_d": int, "model_heads": int, "model_dropout": float,
 }

@@ -7,11 +7,11 @@ turns it into a one-caption `TextBank`. The gallery side is the index's `ImageBa
 - resident (default when the float32 bank fits in `resident_limit` bytes): the whole bank is
   in memory and `ScoringEngine.topk_images` runs on it directly;
 - memory-mapped (large galleries): i0 of every image is in memory; the images are ranked by
-  i0·c0 and the engine's exact top-k runs on a growing prefix of candidates gathered from
-  the memory-mapped shards. A prefix P suffices once the k-th best full score in P is above
-  the upper bound i0·c0 + α of every image outside P: no such image can enter the top k
-  (SPEC §5's bound), so the result equals the engine's top-k over the whole gallery. The prefix
-  is passed in id order, so ties still break by the lower id.
+  i0·c0 and gathered from the memory-mapped shards in chunks of doubling size. The engine's
+  exact top-k of each chunk is merged into the running top k, and the walk stops once the
+  k-th best full score is above the upper bound i0·c0 + α of every image not yet gathered:
+  no such image can enter the top k (SPEC §5's bound), so the result equals the engine's
+  top-k over the whole gallery. Ties break by the lower id, as in the engine.
 """
 
 from __future__ import annotations
@@ -116,6 +116,8 @@ class Searcher:
     one process. Thread-safe: the model work runs under one lock (the CPU has 2 cores; the
     tokenizer is not reentrant)."""
 
+    first_chunk = 64  # images gathered first from a memory-mapped gallery (then doubling)
+
     def __init__(self, index: str | Path | GalleryIndex, checkpoint: str | Path | None = None,
                  resident: bool | None = None, resident_limit: int = 4 << 30,
                  text_encoder: str | Path | None = None):
@@ -183,18 +185,23 @@ class Searcher:
         return [self._image_result(int(j), float(v)) for v, j in zip(scores.tolist(), ids.tolist())], stats
 
     def _topk_gathered(self, tb, k: int):
+        """Exact top-k over the memory-mapped gallery: candidates in falling i0·c0 order, in
+        chunks of doubling size; each chunk's exact top-k is merged into the running one, so
+        every candidate's cross unit runs at most once."""
         g = self.i0 @ tb.c0[0]
         gs, order = torch.sort(g, descending=True, stable=True)
         slack = self.engine.slack
         ncand = int((gs + slack >= gs[k - 1] - slack).sum())
-        c = min(ncand, max(4 * k, 64))
+        best_s, best_i = torch.empty(0), torch.empty(0, dtype=torch.long)
+        start, stop = 0, min(ncand, max(4 * k, self.first_chunk))
         while True:
-            ids = torch.sort(order[:c]).values
+            ids = torch.sort(order[start:stop]).values
             sub = ImageBank(**self.index.image_rows(ids.numpy()))
-            s, i = self.engine.topk_images(sub, tb, k)
-            if c >= ncand or float(s[0, k - 1]) > float(gs[c]) + slack:
-                return s[0], ids[i[0]], c
-            c = min(ncand, 2 * c)
+            s, i = self.engine.topk_images(sub, tb, min(k, len(ids)))
+            best_s, best_i = merge_topk(best_s, best_i, s[0], ids[i[0]], k)
+            if stop >= ncand or float(best_s[k - 1]) > float(gs[stop]) + slack:
+                return best_s, best_i, stop
+            start, stop = stop, min(ncand, 2 * stop)
 
     def _image_result(self, j: int, score: float) -> dict[str, Any]:
         return {"id": j, "score": score, "name": self.index.image_names[j],
@@ -291,6 +298,15 @@ class Searcher:
         d.update({"resident": self.resident, "max_query_chars": MAX_QUERY_CHARS, "max_k": MAX_K,
                   "max_upload_bytes": MAX_UPLOAD_BYTES})
         return d
+
+
+def merge_topk(scores_a: torch.Tensor, ids_a: torch.Tensor, scores_b: torch.Tensor, ids_b: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of two scored id sets, by falling score and then rising id (the engine's
+    tie order), so merging chunk-wise top-k lists equals one top-k over their union."""
+    scores, ids = torch.cat([scores_a, scores_b]), torch.cat([ids_a, ids_b])
+    keep = torch.from_numpy(np.lexsort((ids.numpy(), -scores.numpy()))[:k])
+    return scores[keep], ids[keep]
 
 
 def cross_token_region_attention(model, r: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
