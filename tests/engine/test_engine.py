@@ -221,18 +221,19 @@ def batch(config, b=10, k=7, n_max=11, seed=5, duplicate=True):
 @pytest.mark.parametrize("kind", ["max", "sum"])
 @pytest.mark.parametrize("duplicate", [False, True])
 @pytest.mark.parametrize("alpha", [0.2, 3.0])
-def test_mined_loss_and_gradients_equal_exhaustive(kind, duplicate, alpha):
+@pytest.mark.parametrize("margin", [0.2, 0.0])
+def test_mined_loss_and_gradients_equal_exhaustive(kind, duplicate, alpha, margin):
     torch.manual_seed(1)
     config = ModelConfig(img_dim=24, txt_dim=20, d=32, heads=4, cnn_filters=16, dropout=0.0, alpha=alpha)
     model = MMCA(config).eval()
     regions, tokens, mask, same = batch(config, duplicate=duplicate)
     model.zero_grad()
-    full = exhaustive_loss(model, regions, tokens, mask, 0.2, same, kind)
+    full = exhaustive_loss(model, regions, tokens, mask, margin, same, kind)
     full.backward()
     want = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     stats = {}
-    got = mined_loss(model, regions, tokens, mask, 0.2, same, kind, stats=stats)
+    got = mined_loss(model, regions, tokens, mask, margin, same, kind, stats=stats)
     got.backward()
     assert got.item() == pytest.approx(full.item(), rel=1e-5, abs=1e-6)
     for w, p in zip(want, model.parameters()):
@@ -240,6 +241,8 @@ def test_mined_loss_and_gradients_equal_exhaustive(kind, duplicate, alpha):
     if kind == "max":
         # <= 3B; a duplicated photo ties exactly with its copy, and ties are all recomputed
         assert stats["recomputed_pairs"] <= (4 if duplicate else 3) * len(regions)
+    elif margin == 0.0:  # only the violating negatives carry a gradient; some do not violate
+        assert stats["recomputed_pairs"] < len(regions) ** 2
     assert not model.training
 
 

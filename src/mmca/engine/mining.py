@@ -1,4 +1,5 @@
-"""Mine, then recompute: the max-violation loss of a batch with gradients through <= 3B pairs.
+"""Mine, then recompute: the max-violation loss of a batch with gradients through <= 3B pairs
+(and the sum-over-negatives loss through the violating pairs only).
 
 The hinge loss of Eq. 15 has a non-zero gradient only through each row's and column's
 positive and hardest negative. A no-grad pass with the scoring engine finds them (pruned by the
@@ -9,6 +10,10 @@ model's own batched forward (`model.cross`) on those pairs only, and the loss is
 negative, so the loss value and every gradient equal those of the full B x B matrix).
 Negatives within `tie_tol` of a row's or column's best are all recomputed, so float ties and
 near-ties resolve exactly as in the full computation.
+
+The sum over all negatives (the warm-up loss) has a gradient only through the negatives that
+violate the margin, so the same scheme applies: mine the violating pairs, recompute those.
+Early in training nearly every pair violates; the cost falls as the model separates pairs.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ def exhaustive_scores(model, regions, tokens, mask, chunk: int = 1024,
     by one chunk; one extra forward)."""
     r, i0 = model.encode_image(regions)
     e, c0 = model.encode_text(tokens, mask)
+    if not model.alpha:
+        return i0 @ c0.T
     bsz = len(regions)
     a_all = torch.arange(bsz, device=regions.device).repeat_interleave(bsz)
     b_all = torch.arange(bsz, device=regions.device).repeat(bsz)
@@ -74,9 +81,11 @@ def _batch_banks(engine: ScoringEngine, r, i0, e, c0, mask):
 
 
 @torch.no_grad()
-def mine_hardest(engine: ScoringEngine, images, texts, margin: float, same_image=None,
-                 tie_tol: float | None = None):
-    """No-grad pass: -> (pairs (a, b) to recompute incl. the positives, pair passes used)."""
+def mine_pairs(engine: ScoringEngine, images, texts, margin: float, same_image=None,
+               kind: str = "max", tie_tol: float | None = None):
+    """No-grad pass: -> (pairs (a, b) to recompute incl. the positives, pair passes used).
+    kind "max": each row's and column's hardest violating negatives; "sum": every violating
+    negative."""
     bsz = len(images)
     dev = engine.device
     start = engine.pair_passes
@@ -87,10 +96,11 @@ def mine_hardest(engine: ScoringEngine, images, texts, margin: float, same_image
     g = images.i0 @ texts.c0.T
     lo, hi = g - engine.slack, g + engine.slack
     ninf = torch.tensor(float("-inf"), device=dev)
-    best_lo_row = torch.where(neg, lo, ninf).amax(1, keepdim=True)
-    best_lo_col = torch.where(neg, lo, ninf).amax(0, keepdim=True)
-    need_row = (hi >= best_lo_row) & (hi + margin >= pos[:, None])  # may be row i's hardest and violate
-    need_col = (hi >= best_lo_col) & (hi + margin >= pos[None, :])
+    need_row = hi + margin >= pos[:, None]  # may violate the margin of row i
+    need_col = hi + margin >= pos[None, :]
+    if kind == "max":  # ... and may be its hardest negative
+        need_row &= hi >= torch.where(neg, lo, ninf).amax(1, keepdim=True)
+        need_col &= hi >= torch.where(neg, lo, ninf).amax(0, keepdim=True)
     ii, jj = (neg & (need_row | need_col)).nonzero(as_tuple=True)
     s = torch.full((bsz, bsz), float("-inf"), device=dev)
     if len(ii):
@@ -98,12 +108,14 @@ def mine_hardest(engine: ScoringEngine, images, texts, margin: float, same_image
     s = torch.where(neg, s, ninf)
     if tie_tol is None:
         tie_tol = 1e-5 if engine.dtype == torch.float32 else 5e-2
-    row_best = s.amax(1, keepdim=True)
-    col_best = s.amax(0, keepdim=True)
-    pick = neg & (
-        ((s >= row_best - tie_tol) & (row_best + margin + tie_tol >= pos[:, None]))
-        | ((s >= col_best - tie_tol) & (col_best + margin + tie_tol >= pos[None, :])))
-    pick |= eye
+    if kind == "max":  # the best negative violates, and s is within tie_tol of it
+        row_best, col_best = s.amax(1, keepdim=True), s.amax(0, keepdim=True)
+        violate_row = (s >= row_best - tie_tol) & (row_best + margin + tie_tol >= pos[:, None])
+        violate_col = (s >= col_best - tie_tol) & (col_best + margin + tie_tol >= pos[None, :])
+    else:
+        violate_row = s + margin + tie_tol >= pos[:, None]
+        violate_col = s + margin + tie_tol >= pos[None, :]
+    pick = (neg & (violate_row | violate_col)) | eye
     a, b = pick.nonzero(as_tuple=True)
     return a, b, engine.pair_passes - start
 
@@ -113,32 +125,28 @@ def mined_loss(model, regions, tokens, mask, margin: float = 0.2, same_image=Non
                stats: dict | None = None) -> torch.Tensor:
     """The batch loss with the gradient of back-propagating through all B² pairs.
 
-    kind "max" (Eq. 15): mine with the engine (no grad), recompute <= 3B pairs with grad.
-    kind "sum": every negative has a gradient; all B² pairs are scored with grad, chunked and
-    checkpointed so memory stays bounded. `precision="bf16"` runs only the mining pass in
-    bfloat16 (the recompute stays float32; near-ties within the bf16 tolerance are all
-    recomputed). `stats`, if given, receives pair-pass counts."""
-    if kind == "sum":
-        scores = exhaustive_scores(model, regions, tokens, mask, chunk=256, use_checkpoint=True)
-        if stats is not None:
-            stats.update(mined_pairs=0, recomputed_pairs=scores.numel())
-        return sum_violation_loss(scores, margin, same_image)
-    if kind != "max":
+    A no-grad pass with the engine mines the pairs that carry a gradient (kind "max", Eq. 15:
+    the hardest negatives, <= 3B pairs with the positives; kind "sum": every negative that
+    violates the margin), which are then recomputed with grad. `precision="bf16"` runs only
+    the mining pass in bfloat16 (the recompute stays float32; near-ties within the bf16
+    tolerance are all recomputed). `stats`, if given, receives pair-pass counts."""
+    if kind not in ("max", "sum"):
         raise ValueError(f"kind must be 'max' or 'sum', not {kind!r}")
+    loss_fn = max_violation_loss if kind == "max" else sum_violation_loss
     r, i0 = model.encode_image(regions)
     e, c0 = model.encode_text(tokens, mask)
     if not model.alpha:  # S = i0·c0: the whole B x B matrix is one product, nothing to mine
         if stats is not None:
             stats.update(mined_pairs=0, recomputed_pairs=0)
-        return max_violation_loss(i0 @ c0.T, margin, same_image)
+        return loss_fn(i0 @ c0.T, margin, same_image)
     engine = ScoringEngine(model, device=regions.device, precision=precision, block_pairs=block_pairs)
     with inference_mode(model):
         images, texts = _batch_banks(engine, r, i0, e, c0, mask)
-        a, b, passes = mine_hardest(engine, images, texts, margin, same_image)
+        a, b, passes = mine_pairs(engine, images, texts, margin, same_image, kind)
     bsz = len(regions)
     scores = _pair_scores_grad(model, r, i0, e, c0, mask, a, b)
     full = torch.full((bsz, bsz), float("-inf"), device=scores.device, dtype=scores.dtype)
     full = full.index_put((a, b), scores)
     if stats is not None:
         stats.update(mined_pairs=passes, recomputed_pairs=len(a))
-    return max_violation_loss(full, margin, same_image)
+    return loss_fn(full, margin, same_image)
