@@ -77,5 +77,6 @@ def run(args: argparse.Namespace) -> int:
     summary = trainer.run()
     best = max(summary["history"], key=lambda r: r["rsum"])
     print(f"\nbest epoch {best['epoch']} of {config.epochs}: {summary['best']}")
-    print(format_table({f"MMCA ({args.val_split}, epoch {best['epoch']})": best}))
+    name = "MMCA" if config.model.alpha else "α = 0 (S = i0·c0)"
+    print(format_table({f"{name} ({args.val_split}, epoch {best['epoch']})": best}))
     return 0

@@ -145,6 +145,10 @@ def main(argv=None) -> int:
     p.add_argument("--load-seconds", type=float, default=30.0)
     p.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     p.add_argument("--out", type=Path, default=Path("runs/bench-search/results.json"))
+    p.add_argument("--models", nargs="+", choices=("random", "trained"), default=["random", "trained"],
+                   help="which models to measure (random weights prune nothing: slow on big galleries)")
+    p.add_argument("--checkpoint", type=Path,
+                   help="the trained model (default: runs/sample/mmca/best.pt, else the first runs/*/best.pt)")
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -152,9 +156,11 @@ def main(argv=None) -> int:
     if not rand.exists():
         save_checkpoint(rand, MMCA(ModelConfig()))
     ckpts = {"random": rand}
-    trained = sorted(glob.glob("runs/sample/mmca/best.pt")) or sorted(glob.glob("runs/*/best.pt"))
+    trained = ([str(args.checkpoint)] if args.checkpoint else
+               sorted(glob.glob("runs/sample/mmca/best.pt")) or sorted(glob.glob("runs/*/best.pt")))
     if trained:
         ckpts["trained"] = Path(trained[0])
+    ckpts = {k: v for k, v in ckpts.items() if k in args.models}
     results = {"torch_threads": torch.get_num_threads(), "checkpoints": {k: str(v) for k, v in ckpts.items()}}
     for name, ck in ckpts.items():
         idx = args.work / f"dev-{name}"
