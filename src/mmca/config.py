@@ -63,10 +63,9 @@ class TrainConfig:
     seed: int = 0
     val_max_rank: int | None = 10  # ranks exact below this in per-epoch validation (R@1/5/10 exact)
     save_every_steps: int = 100  # mid-epoch checkpoints, so an interrupted epoch resumes mid-way
-    # `mmca sample` trains the α = 0 ablation first; with init_from_ablation the full model
-    # starts from the ablation's best weights (the cross module is new) instead of from scratch.
-    init_from_ablation: bool = False
-    ablation_epochs: int | None = None  # epochs of that ablation run (None: `epochs`)
+    # Staged training: epochs before this (0-based) index train and validate the α = 0 model
+    # (S = i0·c0, ~10x cheaper per epoch); the cross module joins from this epoch on.
+    cross_from_epoch: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -95,10 +94,10 @@ class TrainConfig:
 # Flickr8k sample on a 2-core laptop (docs/results.md says what each changes and why).
 PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(epochs=20, lr=2e-4, lr_decay_epochs=(10,), grad_clip=None),
-    "cpu": TrainConfig(epochs=12, lr=2e-4, lr_decay_epochs=(8,), warmup_epochs=1,
-                       mining_precision="bf16"),
-    "sample": TrainConfig(epochs=1, ablation_epochs=5, init_from_ablation=True,
-                          mining_precision="bf16"),
+    "cpu": TrainConfig(epochs=8, lr=2e-4, lr_decay_epochs=(4,), warmup_epochs=1, cross_from_epoch=4,
+                       cross_lr_scale=10.0, mining_precision="bf16"),
+    "sample": TrainConfig(epochs=6, lr=2e-4, lr_decay_epochs=(4,), warmup_epochs=1, cross_from_epoch=5,
+                          cross_lr_scale=10.0, mining_precision="bf16"),
 }
 
 

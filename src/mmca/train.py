@@ -31,7 +31,7 @@ from mmca.io import atomic_write_text
 from mmca.model import MMCA
 
 LOG_FIELDS = ["epoch", "loss", "loss_kind", "lr", "train_s", "val_s",
-              "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "collapsed"]
+              "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "collapsed", "alpha"]
 CROSS_MODULES = ("token_fc", "cross_unit", "cross_text_head")
 
 
@@ -153,6 +153,7 @@ class Trainer:
 
     def _train_epoch(self) -> tuple[float, str, float]:
         cfg, st = self.config, self.state
+        self.model.cross_enabled = st.epoch >= cfg.cross_from_epoch
         kind = "sum" if st.epoch < cfg.warmup_epochs else "max"
         lr = learning_rate(cfg, st.epoch)
         set_learning_rate(self.optimizer, lr)
@@ -190,17 +191,19 @@ class Trainer:
             row = {"epoch": st.epoch + 1, "loss": round(loss, 4), "loss_kind": kind, "lr": lr,
                    "train_s": round(train_s, 1), "val_s": round(result.seconds, 1),
                    **{k: round(m[k], 2) for k in LOG_FIELDS[6:13]},
-                   "collapsed": self._is_collapsed(loss, kind, m)}
+                   "collapsed": self._is_collapsed(loss, kind, m), "alpha": self.model.alpha}
             if row["collapsed"]:
                 self.log(f"WARNING: training collapsed in epoch {row['epoch']}: loss {loss:.2f} "
                          f"≈ 2·B·margin = {collapse_floor(cfg):.1f}, dev R@1 {m['i2t_r1']:.1f}"
                          f" / {m['t2i_r1']:.1f}. "
-                         "Try --warmup-epochs 1, a lower --cross-lr-scale, or --init-from an α = 0 run.")
+                         "Try --warmup-epochs 1, a lower --cross-lr-scale, or --cross-from-epoch N "
+                         "(train α = 0 first).")
             st.history.append(row)
             self.log(f"epoch {row['epoch']}/{cfg.epochs} [{kind}] loss {loss:.4f} | dev "
                      f"i2t R@1 {m['i2t_r1']:.1f} t2i R@1 {m['t2i_r1']:.1f} rsum {m['rsum']:.1f} | "
                      f"train {train_s:.0f}s val {result.seconds:.0f}s")
-            if m["rsum"] > st.best_rsum:
+            # best.pt holds the full model: the α = 0 stage's epochs are not candidates
+            if m["rsum"] > st.best_rsum and self.model.cross_enabled:
                 st.best_rsum = m["rsum"]
                 save_checkpoint(self.best_path, self.model, train_config=cfg.to_dict(),
                                 epoch=row["epoch"], metrics=m)

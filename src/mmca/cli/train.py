@@ -21,6 +21,7 @@ result is the same as an uninterrupted run.
 
 presets:
 """ + "\n".join(f"  {name:8s} {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g}"
+                + (f", α = 0 until epoch {cfg.cross_from_epoch}" if cfg.cross_from_epoch else "")
                 for name, cfg in PRESETS.items())
 
 
@@ -36,7 +37,7 @@ def epoch_list(text: str) -> tuple[int, ...]:
 # Command-line overrides of the preset: flag -> (TrainConfig field, type).
 OVERRIDES = {
     "epochs": int, "batch_size": int, "lr": float, "lr_decay_epochs": epoch_list,
-    "warmup_epochs": int, "cross_lr_scale": float,
+    "warmup_epochs": int, "cross_from_epoch": int, "cross_lr_scale": float,
     "grad_clip": float, "margin": float, "seed": int, "mining_precision": str,
     "model_alpha": float, "model_d": int, "model_heads": int, "model_dropout": float,
 }

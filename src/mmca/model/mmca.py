@@ -28,10 +28,13 @@ class MMCA(nn.Module):
         self.token_fc = nn.Linear(c.txt_dim, c.d)  # E -> E'
         self.cross_unit = TransformerUnit(c.d, c.heads, c.ffn, c.dropout)
         self.cross_text_head = TextCNNHead(c.d, c.d, c.cnn_filters, c.windows, c.text_norm)
+        # False scores S = i0·c0 (α = 0) without changing the config: the first, cheap stage
+        # of a staged training run (TrainConfig.cross_from_epoch). Not saved with the weights.
+        self.cross_enabled = True
 
     @property
     def alpha(self) -> float:
-        return self.config.alpha
+        return self.config.alpha if self.cross_enabled else 0.0
 
     def encode_image(self, regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (R, i0): projected regions (B, k, d) for the cross module, unit i0 (B, d)."""
