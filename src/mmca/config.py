@@ -96,7 +96,7 @@ PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(epochs=20, lr=2e-4, lr_decay_epochs=(10,), grad_clip=None),
     "cpu": TrainConfig(epochs=8, lr=2e-4, lr_decay_epochs=(4,), warmup_epochs=1, cross_from_epoch=4,
                        cross_lr_scale=10.0, mining_precision="bf16"),
-    "sample": TrainConfig(epochs=6, lr=2e-4, lr_decay_epochs=(4,), warmup_epochs=1, cross_from_epoch=5,
+    "sample": TrainConfig(epochs=6, lr=2e-4, lr_decay_epochs=(4,), warmup_epochs=1, cross_from_epoch=4,
                           cross_lr_scale=10.0, mining_precision="bf16"),
 }
 
