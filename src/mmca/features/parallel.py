@@ -81,6 +81,8 @@ def run_sharded(task: ShardTask, total: int, workers: int, report: Callable[[int
             if p.is_alive():
                 p.terminate()
             p.join()
+        messages.close()  # release the queue's lock and semaphore now, not at interpreter exit
+        messages.join_thread()
 
 
 def _worker(task: ShardTask, start: int, stop: int, threads: int, messages: Any) -> None:
