@@ -144,6 +144,7 @@ def test_collapse_is_detected_and_logged(tmp_path):
     trainer.run()
     assert all(r["collapsed"] for r in trainer.state.history)
     assert any("collapsed" in line for line in logged)
+    assert any("training is collapsing" in line for line in logged)  # mid-epoch, before validation
 
 
 def test_data_order_depends_only_on_seed_and_epoch():

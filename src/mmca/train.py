@@ -33,6 +33,8 @@ from mmca.model import MMCA
 LOG_FIELDS = ["epoch", "loss", "loss_kind", "lr", "train_s", "val_s",
               "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "collapsed", "alpha"]
 CROSS_MODULES = ("token_fc", "cross_unit", "cross_text_head")
+REMEDIES = ("Try --warmup-epochs 1, a lower --cross-lr-scale, or --cross-from-epoch N "
+            "(train α = 0 first), as the cpu preset does.")
 
 
 @dataclass
@@ -161,15 +163,29 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=len(batches), initial=st.step, disable=not self.progress, leave=False,
                    desc=f"epoch {st.epoch + 1}/{cfg.epochs}", unit="batch")
+        window: list[float] = []  # losses since the last checkpoint
         for captions in batches[st.step:]:
-            st.loss_sum += self._train_step(captions, kind)
+            window.append(self._train_step(captions, kind))
+            st.loss_sum += window[-1]
             st.step += 1
             bar.update()
             bar.set_postfix(loss=f"{st.loss_sum / st.step:.3f}")
             if st.step % cfg.save_every_steps == 0:
                 self._save_last()
+                self._warn_if_at_collapse_level(window, kind)
+                window = []
         bar.close()
         return st.loss_sum / max(st.step, 1), kind, lr
+
+    def _warn_if_at_collapse_level(self, window: list[float], kind: str) -> None:
+        """Mid-epoch warning: a collapsed model's validation cannot prune (every bound
+        overlaps) and is slow, so say it as soon as the loss sits at 2·B·margin."""
+        floor = collapse_floor(self.config)
+        if kind == "max" and window and sum(window) / len(window) >= 0.98 * floor:
+            self.log(f"WARNING: epoch {self.state.epoch + 1}, steps {self.state.step - len(window) + 1}-"
+                     f"{self.state.step}: mean loss {sum(window) / len(window):.2f} ≈ 2·B·margin = "
+                     f"{floor:.1f}, every score nearly equal: training is collapsing (or has not "
+                     "started to separate pairs). " + REMEDIES)
 
     def _is_collapsed(self, loss: float, kind: str, metrics: dict) -> bool:
         """Every score equal: the max-violation loss sits at 2·B·margin, and since ties count
@@ -195,9 +211,7 @@ class Trainer:
             if row["collapsed"]:
                 self.log(f"WARNING: training collapsed in epoch {row['epoch']}: loss {loss:.2f} "
                          f"≈ 2·B·margin = {collapse_floor(cfg):.1f}, dev R@1 {m['i2t_r1']:.1f}"
-                         f" / {m['t2i_r1']:.1f}. "
-                         "Try --warmup-epochs 1, a lower --cross-lr-scale, or --cross-from-epoch N "
-                         "(train α = 0 first).")
+                         f" / {m['t2i_r1']:.1f}. " + REMEDIES)
             st.history.append(row)
             self.log(f"epoch {row['epoch']}/{cfg.epochs} [{kind}] loss {loss:.4f} | dev "
                      f"i2t R@1 {m['i2t_r1']:.1f} t2i R@1 {m['t2i_r1']:.1f} rsum {m['rsum']:.1f} | "
