@@ -25,7 +25,6 @@ presets:
                 for name, cfg in PRESETS.items())
 
 
-
 def epoch_list(text: str) -> tuple[int, ...]:
     """'8' or '4,8' -> (4, 8); '' -> () (no decay)."""
     try:

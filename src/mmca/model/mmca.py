@@ -28,8 +28,8 @@ class MMCA(nn.Module):
         self.token_fc = nn.Linear(c.txt_dim, c.d)  # E -> E'
         self.cross_unit = TransformerUnit(c.d, c.heads, c.ffn, c.dropout)
         self.cross_text_head = TextCNNHead(c.d, c.d, c.cnn_filters, c.windows, c.text_norm)
-        # False scores S = i0·c0 (α = 0) without changing the config: the first, cheap stage
-        # of a staged training run (TrainConfig.cross_from_epoch). Not saved with the weights.
+        # When False the model scores S = i0·c0 (α = 0) without changing its config: the first,
+        # cheap stage of a staged training run (TrainConfig.cross_from_epoch). Not saved.
         self.cross_enabled = True
 
     @property
