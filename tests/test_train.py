@@ -19,7 +19,7 @@ from mmca.train import Trainer, batch_order, learning_rate
 TINY = TrainConfig(
     model=ModelConfig(d=16, heads=2, cnn_filters=8, dropout=0.1),
     epochs=3, batch_size=8, lr=1e-3, lr_decay_epochs=(2,), warmup_epochs=1, save_every_steps=2,
-    val_max_rank=None,
+    val_max_rank=None, mirror_images=True,
 )
 
 
@@ -40,6 +40,7 @@ def synthetic_split(num_images: int, seed: int, k: int = 4, img_dim: int = 12, t
         caption_image=np.repeat(np.arange(num_images), 5), captions_per_image=5,
         image_features=images,
         token_features=TokenFeatures(np.concatenate(states), np.asarray(offsets, dtype=np.int64)),
+        image_views=((images + 0.2 * rng.normal(size=images.shape)).astype(np.float16),),  # "mirrored"
     )
 
 
@@ -93,6 +94,22 @@ CHILD = textwrap.dedent("""
     Trainer._train_step = dying_step
     train_tiny({out!r})
 """)
+
+
+def test_mirrored_views_are_drawn_per_step_and_required(tmp_path):
+    trainer, _ = train_tiny(tmp_path / "a")
+    trainer.state.epoch, trainer.state.step = 1, 3
+    drawn = trainer._image_views(64)
+    assert set(drawn.tolist()) == {0, 1}  # about half the images mirrored
+    np.testing.assert_array_equal(drawn, trainer._image_views(64))  # a function of (seed, epoch, step)
+    trainer.state.step = 4
+    assert not np.array_equal(drawn, trainer._image_views(64))
+    bare = synthetic_split(24, 1)
+    bare.image_views = ()
+    with pytest.raises(MmcaError, match="no mirrored views"):
+        Trainer(TINY, bare, synthetic_split(10, 2), tmp_path / "b", progress=False)
+    plain, _ = train_tiny(tmp_path / "c", config=TINY.replace(mirror_images=False))
+    assert plain._image_views(8) is None
 
 
 def test_killed_run_resumes_to_the_same_final_weights(tmp_path):

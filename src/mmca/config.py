@@ -66,6 +66,9 @@ class TrainConfig:
     # Staged training: epochs before this (0-based) index train and validate the α = 0 model
     # (S = i0·c0, ~10x cheaper per epoch); the cross module joins from this epoch on.
     cross_from_epoch: int = 0
+    # Augmentation: each training step shows every image as is or mirrored (left-right), at
+    # random; the mirrored grids are features of their own, prepared with the split.
+    mirror_images: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -95,9 +98,9 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(epochs=20, lr=2e-4, lr_decay_epochs=(10,), grad_clip=None),
     "cpu": TrainConfig(epochs=8, lr=2e-4, lr_decay_epochs=(4,), warmup_epochs=1, cross_from_epoch=4,
-                       cross_lr_scale=10.0, mining_precision="bf16"),
+                       cross_lr_scale=10.0, mining_precision="bf16", mirror_images=True),
     "sample": TrainConfig(epochs=6, lr=2e-4, lr_decay_epochs=(4,), warmup_epochs=1, cross_from_epoch=4,
-                          cross_lr_scale=10.0, mining_precision="bf16"),
+                          cross_lr_scale=10.0, mining_precision="bf16", mirror_images=True),
 }
 
 

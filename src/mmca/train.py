@@ -88,6 +88,9 @@ class Trainer:
                  log: Callable[[str], None] = print):
         self.config = config.replace(model_img_dim=int(train_set.image_features.shape[2]),
                                      model_txt_dim=train_set.token_features.dim)
+        if self.config.mirror_images and not train_set.image_views:
+            raise MmcaError(f"mirror_images is on but the {train_set.split} split has no mirrored views",
+                            "open the split with mirror=True (the CLI does), or turn mirror_images off")
         self.train_set, self.dev_set = train_set, dev_set
         self.out_dir, self.device = Path(out_dir), torch.device(device)
         self.progress, self.log = progress, log
@@ -136,7 +139,7 @@ class Trainer:
     def _train_step(self, captions: np.ndarray, kind: str) -> float:
         ds = self.train_set
         images = ds.caption_image[captions]
-        regions = ds.image_batch(images).to(self.device)
+        regions = ds.image_batch(images, views=self._image_views(len(images))).to(self.device)
         tokens, mask = ds.token_features.batch(captions)
         same_image = torch.from_numpy(images[:, None] == images[None, :]).to(self.device)
         loss = mined_loss(self.model, regions, tokens.to(self.device), mask.to(self.device),
@@ -152,6 +155,14 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         return float(loss.detach())
+
+    def _image_views(self, count: int) -> np.ndarray | None:
+        """Which view of each image this step shows: drawn from (seed, epoch, step) alone, so a
+        resumed run draws the same ones."""
+        if not self.config.mirror_images:
+            return None
+        rng = np.random.default_rng([self.config.seed, self.state.epoch, self.state.step, 1])
+        return rng.integers(0, 1 + len(self.train_set.image_views), size=count)
 
     def _train_epoch(self) -> tuple[float, str, float]:
         cfg, st = self.config, self.state

@@ -174,3 +174,33 @@ def test_precomp_uses_its_own_image_features(tmp_path: Path, flickr_captions: di
     np.testing.assert_array_equal(data.image_features, features)
     assert len(data.token_features) == 20
     assert [p.name.split("-")[0] for p in (tmp_path / "cache").glob("*/*")] == ["test.text"]
+
+
+def test_mirrored_view_is_the_grid_of_the_flipped_photo_and_is_cached(
+    make_dataset, tmp_path: Path, backbone: ImageBackbone
+) -> None:
+    root, store = make_dataset(), tmp_path / "cache"
+    first = _prepare(root, store, mirror=True)
+    assert _built(first) == ["images", "mirror", "text"]
+    data = first.dataset
+    (mirrored,) = data.image_views
+    assert mirrored.shape == data.image_features.shape
+    photos = torch.from_numpy(np.stack([load_image(p)[:, ::-1] for p in data.image_paths[:2]])).permute(0, 3, 1, 2)
+    np.testing.assert_allclose(mirrored[:2], backbone.extract_grid(photos).numpy(), atol=1e-2, rtol=1e-2)
+    assert np.abs(mirrored[:2].astype(np.float32) - data.image_features[:2]).mean() > 0.05
+    views = data.image_batch([0, 1, 1], views=[1, 0, 1]).numpy()
+    np.testing.assert_array_equal(views, np.asarray([mirrored[0], data.image_features[1], mirrored[1]], np.float32))
+
+    assert _built(_prepare(root, store, mirror=True)) == []
+    plain = _prepare(root, store)  # the plain entry is shared with mirror=True
+    assert _built(plain) == [] and plain.dataset.image_views == ()
+
+
+def test_precomp_cannot_be_mirrored(tmp_path: Path, flickr_captions: dict[str, list[str]]) -> None:
+    root = tmp_path / "toy_precomp"
+    root.mkdir()
+    np.save(root / "test_ims.npy", np.zeros((1, 36, 2048), np.float32))
+    (root / "test_caps.txt").write_text("\n".join(next(iter(flickr_captions.values()))) + "\n")
+    with pytest.raises(DataError, match="cannot be mirrored") as err:
+        open_dataset(root, "test", cache_dir=tmp_path / "cache", progress=False, mirror=True)
+    assert "--mirror-images off" in (err.value.hint or "")

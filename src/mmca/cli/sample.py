@@ -49,12 +49,13 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     progress = not args.no_progress
-    train_set = open_dataset(args.dataset, args.train_split, cache_dir=args.cache, progress=progress)
+    config = preset(args.preset)
+    train_set = open_dataset(args.dataset, args.train_split, cache_dir=args.cache, progress=progress,
+                             mirror=config.mirror_images)
     dev_set = open_dataset(args.dataset, args.val_split, cache_dir=args.cache, progress=progress)
     for ds in (train_set, dev_set):
         print("  ".join(f"{k}: {v}" for k, v in ds.summary().items()))
 
-    config = preset(args.preset)
     runs = {"α = 0 ablation": (args.out / "alpha0", config.replace(model_alpha=0.0, cross_from_epoch=0)),
             "MMCA": (args.out / "mmca", config)}
     rows, timings = {}, {}

@@ -33,11 +33,17 @@ def epoch_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected epochs like '8' or '4,8', got {text!r}") from None
 
 
+def on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected 'on' or 'off', got {text!r}")
+    return text == "on"
+
+
 # Command-line overrides of the preset: flag -> (TrainConfig field, type).
 OVERRIDES = {
     "epochs": int, "batch_size": int, "lr": float, "lr_decay_epochs": epoch_list,
     "warmup_epochs": int, "cross_from_epoch": int, "cross_lr_scale": float,
-    "grad_clip": float, "margin": float, "seed": int, "mining_precision": str,
+    "grad_clip": float, "margin": float, "seed": int, "mining_precision": str, "mirror_images": on_off,
     "model_alpha": float, "model_d": int, "model_heads": int, "model_dropout": float,
 }
 
@@ -70,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     config = preset(args.preset).replace(**changes)
     common = dict(cache_dir=args.cache, grid=args.grid, captions_per_image=args.captions_per_image,
                   progress=not args.no_progress)
-    train_set = open_dataset(args.dataset, args.train_split, **common)
+    train_set = open_dataset(args.dataset, args.train_split, mirror=config.mirror_images, **common)
     dev_set = open_dataset(args.dataset, args.val_split, **common)
     trainer = Trainer(config, train_set, dev_set, args.out, device=args.device, resume=args.resume,
                       init_from=args.init_from, progress=not args.no_progress)

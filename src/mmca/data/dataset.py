@@ -84,6 +84,8 @@ class RetrievalDataset:
     image_features: np.ndarray  # (N, k, D_img)
     token_features: TokenFeatures
     image_paths: list[Path] | None = None
+    # Extra training views of every image, each shaped like image_features (the mirrored photos).
+    image_views: tuple[np.ndarray, ...] = ()
 
     @property
     def num_images(self) -> int:
@@ -93,10 +95,17 @@ class RetrievalDataset:
     def num_captions(self) -> int:
         return len(self.captions)
 
-    def image_batch(self, index, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Region features (B, k, D_img) of the given images."""
+    def image_batch(self, index, dtype: torch.dtype = torch.float32, views=None) -> torch.Tensor:
+        """Region features (B, k, D_img) of the given images; `views[i]` picks image i's view
+        (0 = the photo as is, v = image_views[v - 1])."""
         index = np.asarray(index, dtype=np.int64).reshape(-1)
-        return torch.from_numpy(np.asarray(self.image_features[index], dtype=np.float32)).to(dtype)
+        out = np.asarray(self.image_features[index], dtype=np.float32)
+        if views is not None:
+            views = np.asarray(views, dtype=np.int64).reshape(-1)
+            for v, features in enumerate(self.image_views, start=1):
+                rows = np.flatnonzero(views == v)
+                out[rows] = features[index[rows]]
+        return torch.from_numpy(out).to(dtype)
 
     def summary(self) -> dict[str, object]:
         lengths = self.token_features.lengths

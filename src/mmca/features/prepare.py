@@ -3,7 +3,8 @@
 
 Each split has two cache entries, so changing one side never recomputes the other:
 `{split}.images-{hash}` (MobileNetV2 grid; images layout only, precomp ships its features) and
-`{split}.text-{hash}` (token states). The hash covers the dataset root, the split and the
+`{split}.text-{hash}` (token states); a training split may add `{split}.mirror-{hash}`, the
+grid of every photo flipped left to right (a second view for training). The hash covers the dataset root, the split and the
 settings; the manifest also pins the model weights and a fingerprint of the inputs, and an
 entry whose manifest does not match is rebuilt in place.
 """
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from mmca.data.dataset import RetrievalDataset, SplitSource, TokenFeatures
 from mmca.data.layouts import read_split
+from mmca.errors import DataError
 from mmca.features import cache, parallel
 from mmca.features.backbone import FEATURE_DIM, ImageBackbone
 from mmca.features.text_encoder import TextEncoder
@@ -35,7 +37,7 @@ CAPTIONS_PER_WORKER = 2500
 class EntryReport:
     """What happened to one cache entry: reused as is, or built now."""
 
-    kind: str  # "images" or "text"
+    kind: str  # "images", "mirror" or "text"
     path: Path
     reused: bool
     seconds: float
@@ -64,20 +66,32 @@ def prepare_split(
     progress: bool = True,
     force: bool = False,
     workers: int | None = None,
+    mirror: bool = False,
 ) -> PreparedSplit:
     """Load the split's cached features, building (or with `force`, rebuilding) what is missing.
 
     Writes only under `cache_dir` (default: `cache.default_cache_dir()`), never into `root`.
     `workers`: processes for building (default: one per CPU for large splits, see parallel.py).
+    `mirror`: also the mirrored photos' grids, as `dataset.image_views` (images layout only).
     """
     started = time.perf_counter()
     source = read_split(Path(root), split, captions_per_image)
     folder = cache.dataset_dir(Path(cache_dir) if cache_dir is not None else cache.default_cache_dir(), source.root)
     build = _Build(progress, force, workers)
     entries = []
+    views: tuple[np.ndarray, ...] = ()
     if source.image_features is None:
         entry, features = _image_entry(source, folder, ImageBackbone(grid), build)
         entries.append(entry)
+        if mirror:
+            entry, mirrored = _image_entry(source, folder, ImageBackbone(grid), build, mirror=True)
+            entries.append(entry)
+            views = (mirrored,)
+    elif mirror:
+        raise DataError(
+            f"{source.root} ships precomputed features: its photos cannot be mirrored",
+            "train without mirrored views (--mirror-images off)",
+        )
     else:
         features = source.image_features
     entry, tokens = _text_entry(source, folder, TextEncoder(text_encoder, max_tokens), build)
@@ -92,6 +106,7 @@ def prepare_split(
         image_features=features,
         token_features=tokens,
         image_paths=source.image_paths,
+        image_views=views,
     )
     return PreparedSplit(dataset, entries, time.perf_counter() - started)
 
@@ -106,10 +121,12 @@ def open_dataset(
     captions_per_image: int | None = 5,
     progress: bool = True,
     workers: int | None = None,
+    mirror: bool = False,
 ) -> RetrievalDataset:
     """The public entry: a split with its frozen features, from the cache when it is valid."""
     return prepare_split(
-        root, split, cache_dir, grid, text_encoder, max_tokens, captions_per_image, progress, workers=workers
+        root, split, cache_dir, grid, text_encoder, max_tokens, captions_per_image, progress,
+        workers=workers, mirror=mirror,
     ).dataset
 
 
@@ -140,26 +157,28 @@ def _entry(
 
 
 def _image_entry(
-    source: SplitSource, folder: Path, backbone: ImageBackbone, build: _Build
+    source: SplitSource, folder: Path, backbone: ImageBackbone, build: _Build, mirror: bool = False
 ) -> tuple[EntryReport, np.ndarray]:
     started = time.perf_counter()
     assert source.image_paths is not None
+    kind = "mirror" if mirror else "images"
     settings = {"backbone": backbone.name, "grid": backbone.grid}
     key = {
         "backbone": backbone.describe(),
         "split": source.split,
         "images": cache.files_fingerprint(source.root, source.image_ids, "images"),
     }
-    path, manifest = _entry(folder, source, "images", settings, key, build)
+    path, manifest = _entry(folder, source, kind, settings, key, build)
     reused = manifest is not None
     if manifest is None:
         manifest = {"key": key, "root": str(source.root), "counts": {"images": source.num_images}}
         with cache.build_entry(path, manifest) as tmp:
             shape = (source.num_images, backbone.regions, FEATURE_DIM)
             out = cache.allocate_array(tmp, "features.npy", shape)
-            task = partial(_extract_shard, source.image_paths, out, backbone.grid, backbone.weights)
-            build.run(task, source.num_images, IMAGES_PER_WORKER, "extract images", "img")
-    report = EntryReport("images", path, reused, time.perf_counter() - started, manifest)
+            task = partial(_extract_shard, source.image_paths, out, backbone.grid, backbone.weights, mirror)
+            desc = "extract mirrored images" if mirror else "extract images"
+            build.run(task, source.num_images, IMAGES_PER_WORKER, desc, "img")
+    report = EntryReport(kind, path, reused, time.perf_counter() - started, manifest)
     return report, cache.open_array(path, "features.npy")
 
 
@@ -202,10 +221,17 @@ def _text_entry(
 
 
 def _extract_shard(
-    paths: list[Path], out_path: Path, grid: int, weights: Path, start: int, stop: int, report: Callable[[int], None]
+    paths: list[Path],
+    out_path: Path,
+    grid: int,
+    weights: Path,
+    mirror: bool,
+    start: int,
+    stop: int,
+    report: Callable[[int], None],
 ) -> None:
     out = np.load(out_path, mmap_mode="r+")
-    ImageBackbone(grid, weights).extract_files(paths[start:stop], out[start:stop], report=report)
+    ImageBackbone(grid, weights).extract_files(paths[start:stop], out[start:stop], report=report, mirror=mirror)
     out.flush()
 
 
