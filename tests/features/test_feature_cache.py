@@ -59,7 +59,7 @@ def test_features_match_the_models_and_second_call_reuses(
 def test_manifest_records_what_the_features_depend_on(make_dataset, tmp_path: Path) -> None:
     prepared = _prepare(make_dataset(), tmp_path / "cache")
     images, text = (json.loads((e.path / "manifest.json").read_text()) for e in prepared.entries)
-    assert images["key"]["backbone"]["grid"] == 6 and images["key"]["backbone"]["image_size"] == 224
+    assert images["key"]["backbone"]["grid"] == 6 and images["key"]["backbone"]["image_size"] == 352
     assert len(images["key"]["backbone"]["weights_sha256"]) == 64
     assert images["arrays"]["features.npy"] == {"shape": [10, 36, 1280], "dtype": "float16"}
     assert text["key"]["text_encoder"]["model_type"] == "bert" and text["key"]["text_encoder"]["max_tokens"] == 64

@@ -18,8 +18,10 @@ Prepare DATASET_DIR (either layout: an images folder with images/, captions.tsv 
 splits/NAME.txt, or precomp files {split}_ims.npy + {split}_caps.txt) for training,
 evaluation and search:
 
-  images  MobileNetV2 (ImageNet weights, frozen) at 224x224; its 7x7x1280 map is
-          average-pooled to a GRID x GRID grid of regions (6 -> 36 regions, 7 -> 49).
+  images  MobileNetV2 (ImageNet weights, frozen) on the photo squashed to 352x352; its
+          11x11x1280 map is average-pooled to a GRID x GRID grid of regions (6 -> 36, 7 -> 49).
+          `mmca train` with mirrored views (the cpu presets) also prepares the train
+          split's photos flipped left to right.
           Precomp datasets ship their region features; these are used as they are.
   text    per-token states of a frozen BERT-family encoder ([CLS] and [SEP] kept,
           at most --max-tokens tokens; default encoder: all-MiniLM-L6-v2).

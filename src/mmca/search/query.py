@@ -32,11 +32,12 @@ from PIL import Image
 from mmca.checkpoint import load_model
 from mmca.engine import ImageBank, ScoringEngine
 from mmca.errors import CheckpointError, DataError, MmcaError
+from mmca.features.backbone import IMAGE_SIZE, fit_photo
 from mmca.search.index import GalleryIndex, backbone_identity, text_encoder_identity
 
 MAX_QUERY_CHARS = 1000
 MAX_K = 100
-MIN_SIDE = 16  # pixels; smaller images carry nothing the 224 px backbone can use
+MIN_SIDE = 16  # pixels; smaller images carry nothing the backbone can use
 MAX_SIDE = 12000
 MAX_PIXELS = 50_000_000
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
@@ -70,7 +71,7 @@ def check_k(k: Any) -> int:
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Untrusted image bytes -> (224, 224, 3) uint8 RGB, with the size checked from the header
+    """Untrusted image bytes -> the network's input (see `fit_photo`), with the size checked from the header
     before any pixel is decoded (a 20,000 x 20,000 file is refused without decoding it)."""
     if len(data) > MAX_UPLOAD_BYTES:
         raise QueryError(f"the image is {len(data)} bytes; at most {MAX_UPLOAD_BYTES} are accepted", status=413)
@@ -94,11 +95,8 @@ def decode_image(data: bytes) -> np.ndarray:
             raise QueryError(f"the image is {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
         try:
             if im.format == "JPEG":
-                im.draft("RGB", (448, 448))  # decode at a reduced scale: faster, same result at 224
-            im = im.convert("RGB")
-            if im.size != (224, 224):
-                im = im.resize((224, 224), Image.Resampling.BILINEAR)
-            return np.array(im, dtype=np.uint8)  # a writable copy
+                im.draft("RGB", (2 * IMAGE_SIZE, 2 * IMAGE_SIZE))  # decode at a reduced scale: faster
+            return fit_photo(im)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise QueryError(f"the image cannot be decoded: {err}", status=415) from err
 
@@ -226,7 +224,7 @@ class Searcher:
 
     @torch.no_grad()
     def search_image_array(self, rgb: np.ndarray, k: int = 10):
-        """(224, 224, 3) uint8 RGB -> top-k captions."""
+        """(H, W, 3) uint8 RGB (e.g. from `decode_image`) -> top-k captions."""
         k = check_k(k)
         with self.lock:
             t0 = time.perf_counter()
