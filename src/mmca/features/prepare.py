@@ -4,9 +4,9 @@
 Each split has two cache entries, so changing one side never recomputes the other:
 `{split}.images-{hash}` (MobileNetV2 grid; images layout only, precomp ships its features) and
 `{split}.text-{hash}` (token states); a training split may add `{split}.mirror-{hash}`, the
-grid of every photo flipped left to right (a second view for training). The hash covers the dataset root, the split and the
-settings; the manifest also pins the model weights and a fingerprint of the inputs, and an
-entry whose manifest does not match is rebuilt in place.
+grid of every photo flipped left to right (a second view for training). The hash covers the
+dataset root, the split and the settings; the manifest also pins the model weights and a
+fingerprint of the inputs, and an entry whose manifest does not match is rebuilt in place.
 """
 
 from __future__ import annotations
