@@ -99,12 +99,13 @@ class RetrievalDataset:
         """Region features (B, k, D_img) of the given images; `views[i]` picks image i's view
         (0 = the photo as is, v = image_views[v - 1])."""
         index = np.asarray(index, dtype=np.int64).reshape(-1)
-        out = np.asarray(self.image_features[index], dtype=np.float32)
-        if views is not None:
-            views = np.asarray(views, dtype=np.int64).reshape(-1)
-            for v, features in enumerate(self.image_views, start=1):
-                rows = np.flatnonzero(views == v)
-                out[rows] = features[index[rows]]
+        if views is None:
+            return torch.from_numpy(np.asarray(self.image_features[index], dtype=np.float32)).to(dtype)
+        views = np.asarray(views, dtype=np.int64).reshape(-1)
+        out = np.empty((len(index), *self.image_features.shape[1:]), dtype=np.float32)
+        for v, features in enumerate((self.image_features, *self.image_views)):
+            rows = np.flatnonzero(views == v)  # each row read once, from its own view
+            out[rows] = features[index[rows]]
         return torch.from_numpy(out).to(dtype)
 
     def summary(self) -> dict[str, object]:

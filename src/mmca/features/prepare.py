@@ -81,10 +81,11 @@ def prepare_split(
     entries = []
     views: tuple[np.ndarray, ...] = ()
     if source.image_features is None:
-        entry, features = _image_entry(source, folder, ImageBackbone(grid), build)
+        backbone = ImageBackbone(grid)
+        entry, features = _image_entry(source, folder, backbone, build)
         entries.append(entry)
         if mirror:
-            entry, mirrored = _image_entry(source, folder, ImageBackbone(grid), build, mirror=True)
+            entry, mirrored = _image_entry(source, folder, backbone, build, mirror=True)
             entries.append(entry)
             views = (mirrored,)
     elif mirror:
