@@ -4,12 +4,14 @@ import torch
 from mmca.checkpoint import load_model, save_checkpoint
 from mmca.config import ModelConfig
 from mmca.errors import CheckpointError
+from mmca.features.spec import FeatureSpec
 from mmca.model import MMCA
 
 
 def test_round_trip_keeps_weights_config_and_extra(tmp_path):
     model = MMCA(ModelConfig(img_dim=8, txt_dim=8, d=16, heads=2, cnn_filters=4))
-    path = save_checkpoint(tmp_path / "m.pt", model, epoch=3, rsum=123.5)
+    spec = FeatureSpec.of_arrays(36, 8, 8)
+    path = save_checkpoint(tmp_path / "m.pt", model, spec, epoch=3, rsum=123.5)
     loaded, extra = load_model(path)
     assert loaded.config == model.config
     assert extra["epoch"] == 3 and extra["rsum"] == 123.5

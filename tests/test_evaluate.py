@@ -138,7 +138,7 @@ def test_table_aligns_rows_and_marks_unknown_values():
     assert lines[0].split() == ["direction", "R@1", "R@5", "R@10", "medr", "meanr", "rsum"]
     assert len(lines) == 5
     assert lines[1].split() == ["MMCA", "image->text", "33.3", "66.7", "66.7", "4.0", "-", "383.3"]
-    assert lines[2].split() == ["text->image", "50.0", "83.3", "83.3", "1.5", "-"]
+    assert lines[2].split() == ["text->image", "50.0", "83.3", "83.3", "1.0", "-"]
     assert lines[3].split() == ["paper", "(Flickr30K)", "image->text", "74.2", "92.8", "96.4", "-", "-",
                                 "487.4"]
     # Numbers are right-aligned under their header.
@@ -169,9 +169,13 @@ def precomp(tmp_path):
 def checkpoint(tmp_path):
     from mmca.checkpoint import save_checkpoint
 
+    from mmca.features import TextEncoder
+    from mmca.features.spec import FeatureSpec, precomp_image_spec, text_spec
+
     torch.manual_seed(0)
+    spec = FeatureSpec(precomp_image_spec(tmp_path / "dev_ims.npy", (6, 4, 8), "float32"), text_spec(TextEncoder()))
     return save_checkpoint(tmp_path / "run" / "best.pt",
-                           MMCA(ModelConfig(img_dim=8, txt_dim=384, d=32, heads=4, cnn_filters=8)))
+                           MMCA(ModelConfig(img_dim=8, txt_dim=384, d=32, heads=4, cnn_filters=8)), spec)
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ def test_metrics_of_the_five_caption_example_by_hand():
     assert m["i2t_r1"] == 50.0 and m["i2t_r5"] == 100.0 and m["i2t_r10"] == 100.0
     assert m["t2i_r1"] == 20.0 and m["t2i_r5"] == 100.0 and m["t2i_r10"] == 100.0
     assert m["rsum"] == 470.0
-    assert m["i2t_medr"] == 2.5 and m["i2t_meanr"] == 2.5  # 1-based ranks 4 and 1
+    assert m["i2t_medr"] == 2.0 and m["i2t_meanr"] == 2.5  # ranks 3 and 0: floor(median 1.5) + 1, as SCAN / VSE++
     assert m["t2i_medr"] == 2.0 and m["t2i_meanr"] == pytest.approx(1.8)  # eight 2s, two 1s
 
 
@@ -70,7 +70,7 @@ def test_staircase_ranks_and_one_based_median_and_mean():
         assert m[f"{d}_r1"] == pytest.approx(100 / 12)
         assert m[f"{d}_r5"] == pytest.approx(500 / 12)
         assert m[f"{d}_r10"] == pytest.approx(1000 / 12)
-        assert m[f"{d}_medr"] == 6.5 and m[f"{d}_meanr"] == 6.5  # 1..12
+        assert m[f"{d}_medr"] == 6.0 and m[f"{d}_meanr"] == 6.5  # 1..12: floor(median 5.5) + 1 = 6
 
 
 def test_exact_below_keeps_only_what_the_ranks_determine():

@@ -9,18 +9,32 @@ import torch
 
 from mmca.config import ModelConfig
 from mmca.errors import CheckpointError
+from mmca.features.spec import FeatureSpec
 from mmca.io import atomic_write
 from mmca.model import MMCA
 
 FORMAT = "mmca-checkpoint-v1"
 
 
-def save_checkpoint(path: str | Path, model: MMCA, **extra: Any) -> Path:
-    """Write the model's weights and config plus `extra` (plain data and tensors only, e.g.
-    optimiser state, epoch, RNG states). A crash mid-write never leaves a truncated file."""
-    payload = {"format": FORMAT, "config": model.config.to_dict(),
+def save_checkpoint(path: str | Path, model: MMCA, feature_spec: FeatureSpec, **extra: Any) -> Path:
+    """Write the model's weights and config, the spec of the features it was trained on, and
+    `extra` (plain data and tensors only, e.g. optimiser state, epoch, RNG states). A crash
+    mid-write never leaves a truncated file."""
+    payload = {"format": FORMAT, "config": model.config.to_dict(), "feature_spec": feature_spec.to_dict(),
                "model": model.state_dict(), **extra}
     return atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def checkpoint_spec(payload: dict[str, Any], path: str | Path) -> FeatureSpec:
+    """The feature spec a checkpoint was trained with; a clear error for checkpoints written
+    before mmca recorded it (their grid, input size and text encoder are unknown)."""
+    if "feature_spec" not in payload:
+        raise CheckpointError(
+            f"{path} records no feature spec: it was written by an older mmca (before 0.2), which did "
+            "not store the grid, image size and text encoder the model was trained on",
+            "retrain with this version (`mmca train`); evaluating it on guessed features could print "
+            "wrong numbers without any warning")
+    return FeatureSpec.from_dict(payload["feature_spec"])
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -41,8 +55,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MMCA, dict[str, Any]]:
-    """The model in eval mode, and the rest of the payload (epoch, metrics, ...)."""
+    """The model in eval mode, and the rest of the payload (epoch, metrics, feature spec, ...)."""
     payload = read_checkpoint(path)
-    model = MMCA(ModelConfig.from_dict(payload["config"]))
-    model.load_state_dict(payload.pop("model"))
+    try:
+        model = MMCA(ModelConfig.from_dict(payload["config"]))
+        model.load_state_dict(payload.pop("model"))
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path} is not a usable mmca checkpoint: {err}",
+                              "the file is damaged or was edited; use a checkpoint written by `mmca train`") from err
     return model.to(device).eval(), payload
+
+
+def load_model_and_spec(path: str | Path, device: str | torch.device = "cpu"
+                        ) -> tuple[MMCA, FeatureSpec, dict[str, Any]]:
+    """`load_model` plus the checkpoint's feature spec (refusing checkpoints that lack one)."""
+    model, payload = load_model(path, device)
+    return model, checkpoint_spec(payload, path), payload

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+import math
 from typing import Any
+
+from mmca.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -26,10 +29,24 @@ class ModelConfig:
         return self.d if self.ffn_dim is None else self.ffn_dim
 
     def __post_init__(self) -> None:
+        for name in ("img_dim", "txt_dim", "d", "heads", "cnn_filters"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive integer")
         if self.d % self.heads:
-            raise ValueError(f"d={self.d} must be divisible by heads={self.heads}")
+            raise ConfigError(f"d={self.d} must be divisible by heads={self.heads}",
+                              f"choose heads among the divisors of {self.d}, e.g. --heads 16 with --d 256")
+        if self.ffn_dim is not None and self.ffn_dim < 1:
+            raise ConfigError(f"ffn_dim={self.ffn_dim} must be positive (or None: the paper's d)")
+        # The engine's exact bound |α·i1·c1| <= α needs α >= 0; a negative weight would also
+        # reward disagreement between the cross-attended embeddings.
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ConfigError(f"alpha={self.alpha} must be a finite number >= 0 (the paper: 0.2; 0: the ablation)")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        if not self.windows or any(w < 1 for w in self.windows):
+            raise ConfigError(f"windows={self.windows} must be positive window sizes")
         if self.text_norm not in ("l2", "layernorm_l2"):
-            raise ValueError(f"text_norm must be 'l2' or 'layernorm_l2', not {self.text_norm!r}")
+            raise ConfigError(f"text_norm must be 'l2' or 'layernorm_l2', not {self.text_norm!r}")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -59,7 +76,8 @@ class TrainConfig:
     grad_clip: float | None = 2.0  # max gradient norm (peers clip at 2.0); None = off
     margin: float = 0.2
     warmup_epochs: int = 0  # epochs with the sum over all negatives before hardest negatives
-    mining_precision: str = "fp32"  # no-grad hardest-negative search: "fp32" or "bf16"
+    # no-grad hardest-negative search: "auto" (bf16 where the device has bf16 units), "fp32", "bf16"
+    mining_precision: str = "auto"
     seed: int = 0
     val_max_rank: int | None = 10  # ranks exact below this in per-epoch validation (R@1/5/10 exact)
     save_every_steps: int = 100  # mid-epoch checkpoints, so an interrupted epoch resumes mid-way
@@ -69,6 +87,32 @@ class TrainConfig:
     # Augmentation: each training step shows every image as is or mirrored (left-right), at
     # random; the mirrored grids are features of their own, prepared with the split.
     mirror_images: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"epochs={self.epochs} must be at least 1"),
+            (self.batch_size >= 2, f"batch_size={self.batch_size} must be at least 2 (a batch of one "
+                                   "pair has no negatives)"),
+            (math.isfinite(self.lr) and self.lr >= 0, f"lr={self.lr} must be a number >= 0"),
+            (math.isfinite(self.lr_decay) and self.lr_decay > 0, f"lr_decay={self.lr_decay} must be positive"),
+            (all(e >= 1 for e in self.lr_decay_epochs), f"lr_decay_epochs={self.lr_decay_epochs} must be >= 1"),
+            (math.isfinite(self.cross_lr_scale) and self.cross_lr_scale > 0,
+             f"cross_lr_scale={self.cross_lr_scale} must be positive"),
+            (self.grad_clip is None or (math.isfinite(self.grad_clip) and self.grad_clip > 0),
+             f"grad_clip={self.grad_clip} must be positive (or None: no clipping)"),
+            (math.isfinite(self.margin) and self.margin >= 0, f"margin={self.margin} must be >= 0"),
+            (self.warmup_epochs >= 0, f"warmup_epochs={self.warmup_epochs} must be >= 0"),
+            (self.mining_precision in ("auto", "fp32", "bf16"),
+             f"mining_precision={self.mining_precision!r} must be 'auto', 'fp32' or 'bf16'"),
+            # R@10 needs ranks exact below 10 at least
+            (self.val_max_rank is None or self.val_max_rank >= 10,
+             f"val_max_rank={self.val_max_rank} must be >= 10 (R@10 needs exact ranks below 10) or None"),
+            (self.save_every_steps >= 1, f"save_every_steps={self.save_every_steps} must be >= 1"),
+            (self.cross_from_epoch >= 0, f"cross_from_epoch={self.cross_from_epoch} must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -98,9 +142,9 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(epochs=20, lr=2e-4, lr_decay_epochs=(10,), grad_clip=None),
     "cpu": TrainConfig(epochs=8, lr=2e-4, lr_decay_epochs=(4,), warmup_epochs=1, cross_from_epoch=4,
-                       cross_lr_scale=10.0, mining_precision="bf16", mirror_images=True),
+                       cross_lr_scale=10.0, mirror_images=True),
     "sample": TrainConfig(epochs=6, lr=2e-4, lr_decay_epochs=(4,), warmup_epochs=1, cross_from_epoch=4,
-                          cross_lr_scale=10.0, mining_precision="bf16", mirror_images=True),
+                          cross_lr_scale=10.0, mirror_images=True),
 }
 
 

@@ -18,3 +18,11 @@ class DataError(MmcaError):
 
 class CheckpointError(MmcaError):
     """A checkpoint or index does not match what was asked for."""
+
+
+class ConfigError(MmcaError, ValueError):
+    """A configuration value is out of range (a ValueError too, for library callers)."""
+
+
+class NonFiniteError(MmcaError):
+    """NaN or Inf where a number is needed: in features, weights or scores. Never a metric."""

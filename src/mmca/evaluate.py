@@ -19,8 +19,9 @@ import torch
 from mmca import __version__
 from mmca.data.dataset import RetrievalDataset
 from mmca.errors import CheckpointError, DataError
+from mmca.features.spec import FeatureSpec
 from mmca.io import atomic_write_text
-from mmca.metrics import Metrics, average_folds, retrieval_metrics
+from mmca.metrics import TIES, Metrics, average_folds, retrieval_metrics
 from mmca.model import MMCA
 
 MODES = ("exact", "exhaustive", "shortlist")
@@ -80,6 +81,10 @@ class EvaluationResult:
     encode_seconds: float  # of which building the image and text banks
     exact_below: int | None  # ranks below this are exact, the rest lower bounds; None: all exact
     shortlist_k: int | None  # candidates re-ranked per query, in shortlist mode
+    precision: str  # the pair kernel's: "fp32" or "bf16"
+    precision_reason: str
+    ties: str  # "pessimistic" or "argsort" (mmca.metrics)
+    device: str
     folds: list[Metrics] = field(default_factory=list)  # per fold, when there are several
 
     @property
@@ -142,17 +147,25 @@ def evaluate(
     protocol: str | Protocol = "full",
     mode: str = "exact",
     device: str | torch.device | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
     max_rank: int | None = DEFAULT_MAX_RANK,
     shortlist_k: int = 100,
+    ties: str = "pessimistic",
+    feature_spec: FeatureSpec | None = None,
 ) -> EvaluationResult:
     """Rank every fold of `dataset` under `protocol` and compute SPEC §2's metrics.
 
     mode: "exact" (pruned, same ranks as exhaustive), "exhaustive" (every pair through the
     cross unit) or "shortlist" (cross unit on the top `shortlist_k` of i0·c0 only; approximate).
+    precision: "auto" is fp32 in the exact modes and bf16 in shortlist mode where the device
+    has bf16 units (`mmca.engine.precision`); an explicit "bf16" is obeyed in any mode.
     max_rank: ranks are exact below it (None: all ranks exact, which mean rank needs).
+    ties: how a candidate scoring exactly as the true item counts (`mmca.metrics`).
+    feature_spec: the spec the model was trained with (from its checkpoint): the dataset's
+    features must match it.
     """
     from mmca.engine import ScoringEngine
+    from mmca.engine.precision import resolve_precision
 
     if isinstance(protocol, str):
         if protocol not in PROTOCOLS:
@@ -160,11 +173,19 @@ def evaluate(
         protocol = PROTOCOLS[protocol]
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if ties not in TIES:
+        raise ValueError(f"unknown ties {ties!r}; choose one of {', '.join(TIES)}")
+    if max_rank is not None and max_rank < 10:
+        raise ValueError(f"max_rank={max_rank}: R@10 needs ranks exact below 10 at least (or None: all)")
     where = f"{dataset.name}/{dataset.split}"
     check_protocol(protocol, dataset.caption_image, dataset.num_images, dataset.captions_per_image, where)
     _check_dims(model, dataset, where)
+    if feature_spec is not None:
+        feature_spec.require_match(dataset.spec, "the checkpoint", f"{where}")
 
-    engine = ScoringEngine(model, device=device, precision=precision)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    choice = resolve_precision(precision, device, exact=mode != "shortlist")
+    engine = ScoringEngine(model, device=device, precision=choice.precision)
     folds, passes, pairs, encode_s, rank_s = [], 0, 0, 0.0, 0.0
     # Folds are disjoint, so encoding each fold's banks encodes every item exactly once.
     for images, captions in fold_indices(dataset.caption_image, dataset.num_images, protocol.fold_size):
@@ -173,7 +194,7 @@ def evaluate(
         text_bank = engine.text_bank(dataset.token_features, index=captions)
         encoded = time.perf_counter()
         ranked = engine.ranks(image_bank, text_bank, dataset.caption_image[captions] - images.start,
-                              mode=mode, max_rank=max_rank, shortlist_k=shortlist_k)
+                              mode=mode, max_rank=max_rank, shortlist_k=shortlist_k, ties=ties)
         encode_s += encoded - start
         rank_s += time.perf_counter() - encoded
         folds.append(retrieval_metrics(ranked.i2t, ranked.t2i, exact_below=ranked.exact_below))
@@ -194,8 +215,25 @@ def evaluate(
         encode_seconds=encode_s,
         exact_below=ranked.exact_below,
         shortlist_k=shortlist_k if mode == "shortlist" else None,
+        precision=choice.precision,
+        precision_reason=choice.reason,
+        ties=ties,
+        device=str(device),
         folds=folds if len(folds) > 1 else [],
     )
+
+
+def results_name(split: str, result: EvaluationResult) -> str:
+    """eval-<split>-<protocol>-<mode>-<precision>[-<ties>][-full].json: runs that differ in what
+    they measured never overwrite each other."""
+    parts = [split, result.protocol, result.mode, result.precision]
+    if result.ties != "pessimistic":
+        parts.append(result.ties + "-ties")
+    if result.exact_below is None and result.mode != "shortlist":
+        parts.append("full")
+    if result.mode == "shortlist":
+        parts.append(f"k{result.shortlist_k}")
+    return "eval-" + "-".join(parts) + ".json"
 
 
 def write_results(path: str | Path, result: EvaluationResult, **provenance: Any) -> Path:

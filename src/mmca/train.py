@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmca.checkpoint import read_checkpoint, save_checkpoint
+from mmca.checkpoint import checkpoint_spec, read_checkpoint, save_checkpoint
 from mmca.config import TrainConfig
 from mmca.data.dataset import RetrievalDataset
 from mmca.engine import mined_loss
+from mmca.engine.precision import resolve_precision
 from mmca.errors import MmcaError
 from mmca.evaluate import evaluate
 from mmca.io import atomic_write_text
@@ -92,10 +93,14 @@ class Trainer:
             raise MmcaError(f"mirror_images is on but the {train_set.split} split has no mirrored views",
                             "open the split with mirror=True (the CLI does), or turn mirror_images off")
         self.train_set, self.dev_set = train_set, dev_set
+        self.spec = train_set.spec.with_mirror(self.config.mirror_images)
+        self.spec.require_match(dev_set.spec, f"the {train_set.split} split", f"the {dev_set.split} split",
+                                "prepare both splits with the same --grid and --text-encoder")
         self.out_dir, self.device = Path(out_dir), torch.device(device)
         self.progress, self.log = progress, log
         self.last_path, self.best_path = self.out_dir / "last.pt", self.out_dir / "best.pt"
 
+        self.mining = resolve_precision(self.config.mining_precision, self.device)
         torch.manual_seed(self.config.seed)
         self.model = MMCA(self.config.model).to(self.device)
         self.optimizer = build_optimizer(self.model, self.config)
@@ -108,11 +113,18 @@ class Trainer:
         elif init_from is not None:
             self._init_weights(Path(init_from))
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out_dir / "config.json", json.dumps(self.config.to_dict(), indent=2))
+        atomic_write_text(self.out_dir / "config.json", json.dumps(
+            {**self.config.to_dict(), "feature_spec": self.spec.to_dict(), "mining": self.mining.to_dict()},
+            indent=2))
+        if self.config.model.alpha:
+            self.log(f"hardest-negative mining in {self.mining.precision} ({self.mining.reason})")
 
     def _init_weights(self, path: Path) -> None:
         """Start from another run's weights (e.g. the α = 0 model), keeping this config."""
         payload = read_checkpoint(path)
+        checkpoint_spec(payload, path).require_match(
+            self.spec, str(path), f"the {self.train_set.split} split",
+            "initialise from a run trained on the same features (same --grid and --text-encoder)")
         missing, unexpected = self.model.load_state_dict(payload["model"], strict=False)
         if unexpected:
             raise MmcaError(f"{path} does not fit this model: unexpected weights {unexpected[:3]}",
@@ -125,15 +137,21 @@ class Trainer:
         if saved != self.config:
             raise MmcaError(f"{self.last_path} was trained with another configuration",
                             "resume with the same preset and options, or start a new --out directory")
+        checkpoint_spec(payload, self.last_path).require_match(
+            self.spec, str(self.last_path), f"the {self.train_set.split} split",
+            "resume with the features the run started with (same --grid and --text-encoder)")
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["rng"])
+        if payload.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(payload["cuda_rng"], self.device)
         self.state = TrainState(**json.loads(payload["state"]))
         self.log(f"resuming {self.out_dir} at epoch {self.state.epoch + 1}, step {self.state.step}")
 
     def _save_last(self) -> None:
-        save_checkpoint(self.last_path, self.model, train_config=self.config.to_dict(),
-                        optimizer=self.optimizer.state_dict(), rng=torch.get_rng_state(),
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        save_checkpoint(self.last_path, self.model, self.spec, train_config=self.config.to_dict(),
+                        optimizer=self.optimizer.state_dict(), rng=torch.get_rng_state(), cuda_rng=cuda_rng,
                         state=json.dumps(self.state.__dict__))
 
     def _train_step(self, captions: np.ndarray, kind: str) -> float:
@@ -144,15 +162,19 @@ class Trainer:
         same_image = torch.from_numpy(images[:, None] == images[None, :]).to(self.device)
         loss = mined_loss(self.model, regions, tokens.to(self.device), mask.to(self.device),
                           margin=self.config.margin, same_image=same_image, kind=kind,
-                          precision=self.config.mining_precision)
+                          precision=self.mining.precision)
         if not torch.isfinite(loss):
             raise MmcaError(f"training loss became {float(loss)} in epoch {self.state.epoch + 1}, "
                             f"step {self.state.step + 1}; {self.last_path} holds the last good state",
                             "lower the learning rate or set a gradient clip, then --resume")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        # the norm is needed anyway to clip; inf leaves the gradient as it is
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or float("inf"))
+        if not torch.isfinite(norm):
+            raise MmcaError(f"the gradient became {float(norm)} in epoch {self.state.epoch + 1}, step "
+                            f"{self.state.step + 1} (the weights were not updated); {self.last_path} holds "
+                            "the last good state", "lower the learning rate or set a gradient clip, then --resume")
         self.optimizer.step()
         return float(loss.detach())
 
@@ -230,12 +252,20 @@ class Trainer:
             # best.pt holds the full model: the α = 0 stage's epochs are not candidates
             if m["rsum"] > st.best_rsum and self.model.cross_enabled:
                 st.best_rsum = m["rsum"]
-                save_checkpoint(self.best_path, self.model, train_config=cfg.to_dict(),
+                save_checkpoint(self.best_path, self.model, self.spec, train_config=cfg.to_dict(),
                                 epoch=row["epoch"], metrics=m)
             st.epoch, st.step, st.loss_sum = st.epoch + 1, 0, 0.0
             self._save_last()
             self._write_log()
-        return {"best_rsum": st.best_rsum, "best": str(self.best_path), "history": st.history}
+        return {"best_rsum": st.best_rsum, "best": str(self.best_path) if self.best_path.exists() else None,
+                "best_epoch": self.best_epoch(), "history": st.history}
+
+    def best_epoch(self) -> dict | None:
+        """The logged row of the epoch `best.pt` holds (the best full-model epoch), or None."""
+        if not self.best_path.exists():
+            return None
+        epoch = read_checkpoint(self.best_path)["epoch"]
+        return next(r for r in self.state.history if r["epoch"] == epoch)
 
     def _write_log(self) -> None:
         rows = io.StringIO()

@@ -20,8 +20,12 @@ N_IMAGES = 20
 
 
 def small_checkpoint(path: Path, seed: int) -> Path:
+    from mmca.features import ImageBackbone, TextEncoder
+    from mmca.features.spec import FeatureSpec
+
     torch.manual_seed(seed)
-    return save_checkpoint(path, MMCA(ModelConfig(d=64, heads=4, cnn_filters=32)))
+    spec = FeatureSpec.from_extractors(ImageBackbone(6), TextEncoder())
+    return save_checkpoint(path, MMCA(ModelConfig(d=64, heads=4, cnn_filters=32)), spec)
 
 
 @pytest.fixture(scope="session")

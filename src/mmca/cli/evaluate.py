@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mmca.cli.features import add_feature_arguments, feature_options
+from mmca.engine.precision import CHOICES
 from mmca.evaluate import DEFAULT_MAX_RANK, MODES, PROTOCOLS
+from mmca.metrics import TIES
 
 NAME = "evaluate"
 HELP = "evaluate a checkpoint with the standard protocol (R@1/5/10 both ways, rsum, ranks)"
@@ -18,8 +21,12 @@ cached on first use, like `mmca prepare`), with the field's standard protocol (V
   text->image  each caption is ranked against every image of the fold; its rank is that of its
                one image
   R@K          percentage of queries whose true item ranks in the top K (K = 1, 5, 10); a tie
-               counts against the true item, so a collapsed model scores 0, not 100
-  rsum         the sum of the six R@K;  medr / meanr: median / mean rank, 1-based
+               counts against the true item (--ties pessimistic), so a collapsed model scores
+               0, not 100; --ties argsort breaks ties as the field's code does
+  rsum         the sum of the six R@K;  medr / meanr: floor(median) + 1 / mean rank + 1
+
+The features are those the checkpoint was trained with (its feature spec: backbone, input
+size, grid, text encoder, token limit); a cache or flag that contradicts them is refused.
 
 protocols (--protocol):
 """ + "\n".join(f"  {p.name:7s} {p.description}" for p in PROTOCOLS.values()) + f"""
@@ -50,42 +57,53 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="candidates re-ranked per query in shortlist mode (default: 100)")
     p.add_argument("--full-ranks", action="store_true",
                    help=f"every rank exact, not only those below {DEFAULT_MAX_RANK} (gives the mean rank)")
+    p.add_argument("--ties", default="pessimistic", choices=TIES,
+                   help="a candidate scoring exactly as the true item: counts against it (pessimistic, "
+                        "default) or by the field's argsort order (higher index first)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    p.add_argument("--bf16", action="store_true", help="score in bfloat16 (faster on GPUs; ranks may differ)")
+    p.add_argument("--precision", default="auto", choices=CHOICES,
+                   help="pair kernel precision: auto (default) is fp32 in the exact modes and bf16 in "
+                        "shortlist mode where the device has bf16 units; bf16 in an exact mode is "
+                        "an approximation (ranks may differ)")
     p.add_argument("--cache", type=Path, help="feature cache directory (default: ~/.cache/mmca)")
-    p.add_argument("--captions-per-image", type=int, default=5, metavar="N", help="default: 5")
+    p.add_argument("--captions-per-image", type=int, default=5, metavar="N",
+                   help="default: 5; 0 accepts any count that is the same for every image")
+    add_feature_arguments(p, adopts=True)
     p.add_argument("--out", type=Path, metavar="JSON",
                    help="results file (default: next to the checkpoint, "
-                        "eval-<split>-<protocol>-<mode>.json)")
+                        "eval-<split>-<protocol>-<mode>-<precision>[...].json)")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from mmca.checkpoint import load_model
+    from mmca.checkpoint import load_model_and_spec
     from mmca.data.layouts import read_split
-    from mmca.evaluate import check_protocol, evaluate, format_table, write_results
+    from mmca.evaluate import check_protocol, evaluate, format_table, results_name, write_results
     from mmca.features.prepare import open_dataset
 
-    model, _ = load_model(args.checkpoint)  # fails fast on a bad checkpoint
+    model, spec, _ = load_model_and_spec(args.checkpoint)  # fails fast on a bad checkpoint
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     protocol = PROTOCOLS[args.protocol]
-    # Check the split against the protocol before any feature is computed.
-    source = read_split(args.dataset, args.split, captions_per_image=args.captions_per_image)
+    cpi = args.captions_per_image or None
+    # Check the split against the protocol before any feature is computed; read it once.
+    source = read_split(args.dataset, args.split, captions_per_image=cpi)
     check_protocol(protocol, source.caption_image, source.num_images, source.captions_per_image,
                    f"{source.root}, split {args.split!r}")
-    dataset = open_dataset(args.dataset, args.split, cache_dir=args.cache,
-                           captions_per_image=args.captions_per_image)
+    dataset = open_dataset(args.dataset, args.split, cache_dir=args.cache, captions_per_image=cpi,
+                           source=source, **feature_options(args, spec))
 
-    result = evaluate(model, dataset, protocol, mode=args.mode, device=device,
-                      precision="bf16" if args.bf16 else "fp32",
-                      max_rank=None if args.full_ranks else DEFAULT_MAX_RANK, shortlist_k=args.shortlist_k)
-    out = args.out or args.checkpoint.parent / f"eval-{args.split}-{protocol.name}-{args.mode}.json"
+    result = evaluate(model, dataset, protocol, mode=args.mode, device=device, precision=args.precision,
+                      max_rank=None if args.full_ranks else DEFAULT_MAX_RANK, shortlist_k=args.shortlist_k,
+                      ties=args.ties, feature_spec=spec)
+    out = args.out or args.checkpoint.parent / results_name(args.split, result)
     write_results(out, result, checkpoint=str(args.checkpoint.resolve()),
-                  dataset_root=str(source.root))
+                  dataset_root=str(source.root), feature_spec=spec.to_dict())
 
     print(f"{dataset.name}, split {args.split}: {result.images:,} images, {result.captions:,} captions; "
-          f"protocol {protocol.name}, mode {args.mode}")
+          f"protocol {protocol.name}, mode {args.mode}, {result.precision} ({result.precision_reason}), "
+          f"ties {args.ties}")
+    print(f"features: {spec.describe()}")
     print(f"{result.pair_passes:,} cross-unit pair passes ({100 * result.pair_fraction:.2f}% of exhaustive), "
           f"{result.seconds:.1f} s")
     print(format_table({f"{dataset.name}/{args.split}": result.metrics}))

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from mmca.cli.features import add_feature_arguments
 from mmca.errors import MmcaError
 
 NAME = "index"
@@ -14,7 +15,9 @@ DESCRIPTION = """\
 Build a search index: per image, what the scoring engine needs (projected regions R, i0 and the
 cross unit's per-image Q/K/V and softmax statistics; float16 by default) as memory-mapped .npy
 shards, and the metadata (file paths, captions, checkpoint sha256, backbone and text encoder)
-in SQLite. Region features come from the same frozen MobileNetV2 grid as training.
+in SQLite. Region and token features are computed as the checkpoint's were in training (its
+feature spec: backbone, input size, grid, text encoder, token limit); a flag that contradicts
+the spec is refused.
 
   mmca index --checkpoint CKPT --out DIR --dataset ROOT --split dev   a prepared split
   mmca index --checkpoint CKPT --out DIR --images FOLDER [--captions captions.tsv]
@@ -39,9 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", type=Path, metavar="DIR", help="existing index (with --add)")
     p.add_argument("--add", nargs="*", type=Path, metavar="PATH", help="image files or folders to append to --index")
     p.add_argument("--storage", default="fp16", choices=["fp16", "fp32"], help="tensor storage (default: fp16)")
-    p.add_argument("--grid", type=int, default=6, choices=[6, 7], help="region grid side (default: 6)")
-    p.add_argument("--text-encoder", type=Path, metavar="DIR", help="BERT-family checkpoint directory")
-    p.add_argument("--max-tokens", type=int, default=64)
+    add_feature_arguments(p, adopts=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out index")
     p.add_argument("--json", action="store_true", help="print the index summary as JSON")
 

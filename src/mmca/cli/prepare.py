@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mmca.cli.features import add_feature_arguments, feature_options
 from mmca.errors import DataError
 
 if TYPE_CHECKING:
@@ -40,11 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", type=Path, metavar="DATASET_DIR", help="the dataset folder (read only)")
     p.add_argument("--splits", nargs="+", metavar="SPLIT", help="splits to prepare (default: all splits found)")
     p.add_argument("--cache", type=Path, metavar="DIR", help="cache directory (default: see above)")
-    p.add_argument("--grid", type=int, default=6, choices=(6, 7), help="image regions per side (default: 6)")
-    p.add_argument(
-        "--text-encoder", type=Path, metavar="DIR", help="a local BERT-family model directory (default: all-MiniLM-L6-v2)"
-    )
-    p.add_argument("--max-tokens", type=int, default=64, metavar="N", help="token limit per caption, [CLS] and [SEP] included (default: 64)")
+    add_feature_arguments(p)
     p.add_argument(
         "--captions-per-image",
         type=int,
@@ -76,9 +73,7 @@ def run(args: argparse.Namespace) -> int:
             args.dataset,
             split,
             cache_dir=args.cache,
-            grid=args.grid,
-            text_encoder=args.text_encoder,
-            max_tokens=args.max_tokens,
+            **feature_options(args),
             captions_per_image=args.captions_per_image or None,
             progress=not args.no_progress,
             force=args.force,

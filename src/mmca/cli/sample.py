@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+from mmca.cli.features import add_feature_arguments, feature_options
 from mmca.config import PRESETS, preset
 
 NAME = "sample"
@@ -37,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-split", default="dev")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--cache", type=Path, help="feature cache directory (default: ~/.cache/mmca)")
+    add_feature_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
 
 
@@ -50,9 +52,10 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     progress = not args.no_progress
     config = preset(args.preset)
+    features = feature_options(args)
     train_set = open_dataset(args.dataset, args.train_split, cache_dir=args.cache, progress=progress,
-                             mirror=config.mirror_images)
-    dev_set = open_dataset(args.dataset, args.val_split, cache_dir=args.cache, progress=progress)
+                             mirror=config.mirror_images, **features)
+    dev_set = open_dataset(args.dataset, args.val_split, cache_dir=args.cache, progress=progress, **features)
     for ds in (train_set, dev_set):
         print("  ".join(f"{k}: {v}" for k, v in ds.summary().items()))
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mmca.cli.features import add_feature_arguments, checkpoint_feature_spec, feature_options
 from mmca.config import PRESETS, preset
+from mmca.errors import MmcaError
 
 NAME = "train"
 HELP = "train a model (hardest-negative triplet loss, best checkpoint by dev rsum)"
@@ -58,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-split", default="dev")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--cache", type=Path, help="feature cache directory (default: ~/.cache/mmca)")
-    p.add_argument("--grid", type=int, default=6, choices=(6, 7), help="image regions per side")
+    add_feature_arguments(p)
     p.add_argument("--captions-per-image", type=int, default=5)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     group = p.add_argument_group("preset overrides")
@@ -74,15 +76,20 @@ def run(args: argparse.Namespace) -> int:
 
     changes = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
     config = preset(args.preset).replace(**changes)
-    common = dict(cache_dir=args.cache, grid=args.grid, captions_per_image=args.captions_per_image,
-                  progress=not args.no_progress)
+    features = feature_options(args, checkpoint_feature_spec(args.init_from) if args.init_from else None)
+    common = dict(cache_dir=args.cache, captions_per_image=args.captions_per_image,
+                  progress=not args.no_progress, **features)
     train_set = open_dataset(args.dataset, args.train_split, mirror=config.mirror_images, **common)
     dev_set = open_dataset(args.dataset, args.val_split, **common)
     trainer = Trainer(config, train_set, dev_set, args.out, device=args.device, resume=args.resume,
                       init_from=args.init_from, progress=not args.no_progress)
     summary = trainer.run()
-    best = max(summary["history"], key=lambda r: r["rsum"])
-    print(f"\nbest epoch {best['epoch']} of {config.epochs}: {summary['best']}")
+    best = summary["best_epoch"]
+    if best is None:
+        raise MmcaError(f"no epoch of this run trained the full model (--epochs {config.epochs}, "
+                        f"--cross-from-epoch {config.cross_from_epoch}), so there is no best.pt",
+                        "train for more epochs than --cross-from-epoch (the last.pt state can be resumed)")
+    print(f"\nbest epoch {best['epoch']} of {config.epochs} (features: {trainer.spec.describe()}): {summary['best']}")
     name = "MMCA" if config.model.alpha else "α = 0 (S = i0·c0)"
     print(format_table({f"{name} ({args.val_split}, epoch {best['epoch']})": best}))
     return 0

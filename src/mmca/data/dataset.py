@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from mmca.features.spec import FeatureSpec
 
 
 @dataclass
@@ -86,6 +90,8 @@ class RetrievalDataset:
     image_paths: list[Path] | None = None
     # Extra training views of every image, each shaped like image_features (the mirrored photos).
     image_views: tuple[np.ndarray, ...] = ()
+    # What the features were computed with (set by `prepare_split`); None: derived from shapes.
+    feature_spec: FeatureSpec | None = None
 
     @property
     def num_images(self) -> int:
@@ -94,6 +100,16 @@ class RetrievalDataset:
     @property
     def num_captions(self) -> int:
         return len(self.captions)
+
+    @property
+    def spec(self) -> FeatureSpec:
+        """The feature spec, or one of shapes only for features of unknown provenance."""
+        from mmca.features.spec import FeatureSpec
+
+        if self.feature_spec is not None:
+            return self.feature_spec
+        _, k, dim = self.image_features.shape
+        return FeatureSpec.of_arrays(k, dim, self.token_features.dim)
 
     def image_batch(self, index, dtype: torch.dtype = torch.float32, views=None) -> torch.Tensor:
         """Region features (B, k, D_img) of the given images; `views[i]` picks image i's view

@@ -322,8 +322,22 @@ def _rows_repeat(rows: np.ndarray, group: int) -> bool:
     return True
 
 
+# Files already scanned in this process, by (path, size, mtime): a job that reads a split
+# twice (or a train and a dev split that share a file) scans it once.
+_SCANNED: set[tuple[str, int, int, int]] = set()
+
+
 def _check_finite(path: Path, features: np.ndarray, stride: int) -> None:
     """Scan for NaN/Inf in chunks, so a multi-GB memmap never lands in memory at once."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, stride)
+    if key in _SCANNED:
+        return
+    _scan_finite(path, features, stride)
+    _SCANNED.add(key)
+
+
+def _scan_finite(path: Path, features: np.ndarray, stride: int) -> None:
     step = max(1, _CHUNK_BYTES // max(1, features[0].nbytes))
     for start in range(0, len(features), step):
         chunk = np.asarray(features[start : start + step])

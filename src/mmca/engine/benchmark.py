@@ -154,11 +154,15 @@ def bench_training(config, args, log) -> dict:
     return out
 
 
-def bench_ranks(model, args, log) -> dict:
+def bench_ranks(model, args, log, spec=None) -> dict:
+    """`spec`: the feature spec of a trained model (its checkpoint's), adopted for --dataset."""
     eng = ScoringEngine(model, device=args.device)
     if args.dataset:
         from mmca.features.prepare import open_dataset
-        ds = open_dataset(args.dataset, args.split)
+        from mmca.features.spec import extraction_options
+        ds = open_dataset(args.dataset, args.split, **(extraction_options(spec) if spec else {}))
+        if spec is not None:
+            spec.require_match(ds.spec, args.checkpoint, f"{args.dataset} {args.split}")
         ib, tb = eng.image_bank(ds), eng.text_bank(ds.token_features)
         caption_image = ds.caption_image
         what = f"{ds.num_images} x {ds.num_captions} ({args.dataset} {args.split})"
@@ -354,12 +358,11 @@ def run(args) -> int:
         results["training"] = bench_training(ModelConfig(img_dim=args.img_dim, txt_dim=args.txt_dim,
                                                          d=args.d, heads=args.heads), args, log)
     if "c" in args.only:
-        rank_model = model
+        rank_model, spec = model, None
         if args.checkpoint:
-            from mmca.checkpoint import load_model
-            rank_model, _ = load_model(args.checkpoint, device=args.device)
-            rank_model.eval()
-        results["ranks"] = bench_ranks(rank_model, args, log)
+            from mmca.checkpoint import load_model_and_spec
+            rank_model, spec, _ = load_model_and_spec(args.checkpoint, device=args.device)
+        results["ranks"] = bench_ranks(rank_model, args, log, spec)
     if "d" in args.only and not args.skip_big:
         results["memory"] = bench_memory(args, log)
     if args.json:

@@ -8,9 +8,10 @@
 - "shortlist": the cross unit on the top `shortlist_k` of i0·c0 only (approximate; items off
   the shortlist rank below it, ordered by i0·c0).
 
-Ranks follow the convention of `mmca.metrics` (0-based, ties count against the true item),
-whose `retrieval_metrics(result.i2t, result.t2i, result.exact_below)` turns them into
-R@K, rsum, medr and meanr.
+Ranks follow the convention of `mmca.metrics` (0-based; `ties` says how a candidate scoring
+exactly as the true item counts: "pessimistic" against it, "argsort" by the field's sort
+order), whose `retrieval_metrics(result.i2t, result.t2i, result.exact_below)` turns them
+into R@K, rsum, medr and meanr.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mmca.engine.scoring import full_fp32, require_finite
+from mmca.metrics import TIES, ahead
+
 
 @dataclass
 class RankResult:
@@ -28,48 +32,80 @@ class RankResult:
     pair_passes: int
     exact_below: int | None  # ranks < this are exact; None: all exact (or mode is shortlist)
     mode: str
+    ties: str = "pessimistic"
 
 
-def _thresholds(engine, images, texts, gimg):
-    """tau_j = S(g(j), j); sigma_i = max over the captions of image i of S(i, c)."""
-    m = len(texts)
-    tau = engine.pair_scores(images, texts, gimg, torch.arange(m, device=engine.device))
-    sigma = torch.full((len(images),), float("-inf"), device=engine.device)
+@dataclass
+class _Truth:
+    """What each query's true item scores, and its index (the tie-break of ties="argsort"):
+    t2i: caption j's true image gimg[j] scores tau[j]; i2t: image i's best own caption (the
+    one first in the sort order) is sidx[i], scoring sigma[i]."""
+
+    gimg: torch.Tensor
+    tau: torch.Tensor
+    sigma: torch.Tensor
+    sidx: torch.Tensor
+    ties: str
+
+    def t2i_ahead(self, score, image, caption):  # image, caption: indices broadcast with score
+        return ahead(score, image, self.tau[caption], self.gimg[caption], self.ties)
+
+    def i2t_ahead(self, score, image, caption):
+        return ahead(score, caption, self.sigma[image], self.sidx[image], self.ties)
+
+
+def _thresholds(engine, images, texts, gimg, ties: str = "pessimistic") -> _Truth:
+    """tau_j = S(g(j), j); sigma_i = max over the captions of image i of S(i, c), and the
+    caption reaching it that sorts first (the highest index under ties="argsort")."""
+    m, dev = len(texts), engine.device
+    caps = torch.arange(m, device=dev)
+    tau = engine.pair_scores(images, texts, gimg, caps)
+    sigma = torch.full((len(images),), float("-inf"), device=dev)
     sigma.scatter_reduce_(0, gimg, tau, reduce="amax", include_self=True)
-    return tau, sigma
+    best = tau == sigma[gimg]
+    sidx = torch.full((len(images),), -1, dtype=torch.int64, device=dev)
+    sidx.scatter_reduce_(0, gimg[best], caps[best], reduce="amax", include_self=True)
+    return _Truth(gimg, tau, sigma, sidx, ties)
 
 
 def ranks(engine, images, texts, caption_image, mode: str = "exact", max_rank: int | None = None,
-          shortlist_k: int = 100, image_block: int = 256) -> RankResult:
+          shortlist_k: int = 100, image_block: int = 256, ties: str = "pessimistic") -> RankResult:
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {', '.join(TIES)}, not {ties!r}")
     start = engine.pair_passes
     gimg = torch.as_tensor(np.asarray(caption_image, dtype=np.int64), device=engine.device)
     if len(gimg) != len(texts):
         raise ValueError("caption_image needs one image index per caption of the text bank")
-    if mode == "exhaustive":
-        i2t, t2i = _exhaustive(engine, images, texts, gimg, image_block)
-    elif mode == "exact":
-        if max_rank is None:
-            i2t, t2i = _exact_all(engine, images, texts, gimg, image_block)
+    require_finite(images.i0, "image embeddings i0", "image")
+    require_finite(texts.c0, "caption embeddings c0", "caption")
+    with full_fp32():
+        if mode == "exhaustive":
+            i2t, t2i = _exhaustive(engine, images, texts, gimg, image_block, ties)
+        elif mode == "exact":
+            if max_rank is None:
+                i2t, t2i = _exact_all(engine, images, texts, gimg, image_block, ties)
+            else:
+                i2t, t2i = _exact_capped(engine, images, texts, gimg, int(max_rank), ties)
+        elif mode == "shortlist":
+            i2t, t2i = _shortlist(engine, images, texts, gimg, int(shortlist_k), image_block, ties)
         else:
-            i2t, t2i = _exact_capped(engine, images, texts, gimg, int(max_rank))
-    elif mode == "shortlist":
-        i2t, t2i = _shortlist(engine, images, texts, gimg, int(shortlist_k), image_block)
-    else:
-        raise ValueError(f"mode must be 'exact', 'exhaustive' or 'shortlist', not {mode!r}")
+            raise ValueError(f"mode must be 'exact', 'exhaustive' or 'shortlist', not {mode!r}")
     if max_rank is not None and mode != "shortlist":
         i2t, t2i = i2t.clamp(max=max_rank), t2i.clamp(max=max_rank)
     return RankResult(i2t.cpu().numpy(), t2i.cpu().numpy(), engine.pair_passes - start,
-                      max_rank if mode != "shortlist" else None, mode)
+                      max_rank if mode != "shortlist" else None, mode, ties)
 
 
-def _exhaustive(engine, images, texts, gimg, image_block):
-    tau, sigma = _thresholds(engine, images, texts, gimg)
+def _exhaustive(engine, images, texts, gimg, image_block, ties):
+    truth = _thresholds(engine, images, texts, gimg, ties)
     t2i = torch.zeros(len(texts), dtype=torch.int64, device=engine.device)
     i2t = torch.zeros(len(images), dtype=torch.int64, device=engine.device)
+    caps = torch.arange(len(texts), device=engine.device)[None, :]
     for s, e, block in engine.iter_full_scores(images, texts, min(image_block, 64)):
-        neg = gimg[None, :] != torch.arange(s, e, device=engine.device)[:, None]
-        t2i += ((block >= tau[None, :]) & neg).sum(0)
-        i2t[s:e] = ((block >= sigma[s:e, None]) & neg).sum(1)
+        rows = torch.arange(s, e, device=engine.device)[:, None]
+        neg = gimg[None, :] != rows
+        t2i += (truth.t2i_ahead(block, rows, caps) & neg).sum(0)
+        i2t[s:e] = (truth.i2t_ahead(block, rows, caps) & neg).sum(1)
     return i2t, t2i
 
 
@@ -86,61 +122,66 @@ def _tiles(engine, n: int, m: int):
     return _spans(n, max(1, budget // max(m, 1))), _spans(m, max(1, budget // max(n, 1)))
 
 
-def _bounds(engine, images, texts, gimg, s, e, tau, sigma, cs: int = 0, ce: int | None = None):
+def _bounds(engine, images, texts, truth: _Truth, s, e, cs: int = 0, ce: int | None = None):
     """For images s:e and captions cs:ce: i0·c0 and the pairs the bound decides as sure hits or
     leaves undecided, in both directions. A pair's decision depends on the floats of g, which
     depend on the product's shapes: passes that must agree on it use the same tiles."""
     ce = len(texts) if ce is None else ce
     g = images.i0[s:e] @ texts.c0[cs:ce].T
-    neg = gimg[None, cs:ce] != torch.arange(s, e, device=engine.device)[:, None]
+    neg = truth.gimg[None, cs:ce] != torch.arange(s, e, device=engine.device)[:, None]
     lo, hi = g - engine.slack, g + engine.slack
-    t = tau[None, cs:ce]
-    sure_t = neg & (lo >= t)
+    # a sure hit ranks ahead whatever the tie-break: S >= lo, and lo > threshold (or == when
+    # ties count against the true item)
+    sure = torch.ge if truth.ties == "pessimistic" else torch.gt
+    t = truth.tau[None, cs:ce]
+    sure_t = neg & sure(lo, t)
     maybe_t = neg & (hi >= t) & ~sure_t
-    sig = sigma[s:e, None]
-    sure_i = neg & (lo >= sig)
+    sig = truth.sigma[s:e, None]
+    sure_i = neg & sure(lo, sig)
     maybe_i = neg & (hi >= sig) & ~sure_i
     return g, sure_t, maybe_t, sure_i, maybe_i
 
 
-def _exact_all(engine, images, texts, gimg, image_block):
+def _exact_all(engine, images, texts, gimg, image_block, ties):
     """Every undecided pair scored once, shared by both directions; streamed by image block."""
     i2t, t2i = None, None
-    for i2t, t2i, _ in exact_blocks(engine, images, texts, gimg, image_block):
+    for i2t, t2i, _ in exact_blocks(engine, images, texts, gimg, image_block, ties):
         pass
     return i2t, t2i
 
 
-def exact_blocks(engine, images, texts, gimg, image_block: int = 256):
+def exact_blocks(engine, images, texts, gimg, image_block: int = 256, ties: str = "pessimistic"):
     """The exact pruned pass of mode "exact" (no max_rank), one image block at a time (at most
     `engine.pair_budget` pairs): yields (i2t, t2i, images done) once the thresholds are known
     (0 images done) and after each image block; the ranks are complete after the last one
     (the memory benchmark runs a time-limited prefix of it)."""
     n, m = len(images), len(texts)
-    tau, sigma = _thresholds(engine, images, texts, gimg)
+    truth = _thresholds(engine, images, texts, gimg, ties)
     t2i = torch.zeros(m, dtype=torch.int64, device=engine.device)
     i2t = torch.zeros(n, dtype=torch.int64, device=engine.device)
     yield i2t, t2i, 0
     for s, e in _spans(n, min(image_block, max(1, engine.pair_budget // max(m, 1)))):
-        _, sure_t, maybe_t, sure_i, maybe_i = _bounds(engine, images, texts, gimg, s, e, tau, sigma)
+        _, sure_t, maybe_t, sure_i, maybe_i = _bounds(engine, images, texts, truth, s, e)
         t2i += sure_t.sum(0)
         i2t[s:e] += sure_i.sum(1)
         ii, jj = (maybe_t | maybe_i).nonzero(as_tuple=True)
         del sure_t, sure_i
         if len(ii):
             score = engine.pair_scores(images, texts, ii + s, jj)
-            t2i.index_add_(0, jj, (maybe_t[ii, jj] & (score >= tau[jj])).long())
-            i2t.index_add_(0, ii + s, (maybe_i[ii, jj] & (score >= sigma[ii + s])).long())
+            t2i.index_add_(0, jj, (maybe_t[ii, jj] & truth.t2i_ahead(score, ii + s, jj)).long())
+            i2t.index_add_(0, ii + s, (maybe_i[ii, jj] & truth.i2t_ahead(score, ii + s, jj)).long())
         yield i2t, t2i, e
 
 
 class _PairCache:
     """Scores already computed, keyed by i * M + j, so both directions share them. Kept as a
     few sorted runs of geometrically decreasing size (merged like a binary counter), so adding
-    k scores costs O(k log K) rather than re-sorting all K."""
+    k scores costs O(k log K) rather than re-sorting all K. At most `limit` scores are kept
+    (the oldest runs go first): a dropped score is recomputed if asked again, to the same float,
+    since every block has the same shape."""
 
-    def __init__(self, m: int):
-        self.m = m
+    def __init__(self, m: int, limit: int):
+        self.m, self.limit = m, limit
         self.runs: list[tuple[np.ndarray, np.ndarray]] = []
 
     def __len__(self) -> int:
@@ -169,6 +210,8 @@ class _PairCache:
             k, v = np.concatenate([k2, k1]), np.concatenate([v2, v1])
             order = np.argsort(k, kind="stable")
             self.runs.append((k[order], v[order]))
+        while len(self) > self.limit:
+            self.runs.pop(0)
 
 
 def _ragged(starts: np.ndarray, counts: np.ndarray):
@@ -178,20 +221,21 @@ def _ragged(starts: np.ndarray, counts: np.ndarray):
     return rows, np.repeat(starts, counts) + offs
 
 
-def _exact_capped(engine, images, texts, gimg, max_rank):
+def _exact_capped(engine, images, texts, gimg, max_rank, ties):
     i2t = t2i = None
-    for i2t, t2i in capped_rounds(engine, images, texts, gimg, max_rank):
+    for i2t, t2i in capped_rounds(engine, images, texts, gimg, max_rank, ties):
         pass
     return torch.as_tensor(i2t, device=engine.device), torch.as_tensor(t2i, device=engine.device)
 
 
 class _Queries:
     """The open queries of one tile (caption span for t2i, image span for i2t): each one's
-    undecided candidates in bound order (highest i0·c0 first, then index), a cursor into them
-    and its hit count (a view into the direction's global counts)."""
+    undecided candidates in bound order (highest i0·c0 first, then index), a cursor into them,
+    its hit count (a view into the direction's global counts), and its true item's score and
+    index (`thr`, `thr_idx`)."""
 
-    def __init__(self, first: int, hits: np.ndarray, thr: np.ndarray, q, c, g):
-        self.first, self.hits, self.thr = first, hits, thr
+    def __init__(self, first: int, hits: np.ndarray, thr: np.ndarray, thr_idx: np.ndarray, ties: str, q, c, g):
+        self.first, self.hits, self.thr, self.thr_idx, self.ties = first, hits, thr, thr_idx, ties
         q = np.concatenate(q) - first if q else np.zeros(0, np.int64)
         c = np.concatenate(c) if c else np.zeros(0, np.int64)
         g = np.concatenate(g) if g else np.zeros(0, np.float32)
@@ -210,12 +254,13 @@ class _Queries:
         self.cur[act] += take
         return act[rows] + self.first, self.cand[pos]
 
-    def score(self, q: np.ndarray, s: np.ndarray) -> None:
+    def score(self, q: np.ndarray, c: np.ndarray, s: np.ndarray) -> None:
         local = q - self.first
-        self.hits += np.bincount(local[s >= self.thr[local]], minlength=len(self.hits))
+        hit = ahead(s, c, self.thr[local], self.thr_idx[local], self.ties)
+        self.hits += np.bincount(local[hit], minlength=len(self.hits))
 
 
-def capped_rounds(engine, images, texts, gimg, max_rank: int):
+def capped_rounds(engine, images, texts, gimg, max_rank: int, ties: str = "pessimistic"):
     """Mode "exact" with max_rank: ranks exact below max_rank. Pass 1 counts the sure hits of
     every query (i0·c0 only); then, tile by tile (a caption span for t2i alongside an image span
     for i2t, each at most `engine.pair_budget` candidate pairs), each query still open scores
@@ -223,20 +268,21 @@ def capped_rounds(engine, images, texts, gimg, max_rank: int):
     max_rank hits or none left. Yields (i2t, t2i) (numpy, views of the running counts) after
     pass 1 and after every scoring round; complete after the last."""
     n, m = len(images), len(texts)
-    tau, sigma = _thresholds(engine, images, texts, gimg)
+    truth = _thresholds(engine, images, texts, gimg, ties)
     img_tiles, cap_tiles = _tiles(engine, n, m)
     tiles = [(i, c) for i in img_tiles for c in cap_tiles]
     sure_t = torch.zeros(m, dtype=torch.int64, device=engine.device)
     sure_i = torch.zeros(n, dtype=torch.int64, device=engine.device)
     for (s, e), (cs, ce) in tiles:  # pass 1: sure hits (cheap: i0·c0 only)
-        _, st, _, si, _ = _bounds(engine, images, texts, gimg, s, e, tau, sigma, cs, ce)
+        _, st, _, si, _ = _bounds(engine, images, texts, truth, s, e, cs, ce)
         sure_t[cs:ce] += st.sum(0)
         sure_i[s:e] += si.sum(1)
     open_t, open_i = sure_t < max_rank, sure_i < max_rank
     hits_t, hits_i = sure_t.cpu().numpy().copy(), sure_i.cpu().numpy().copy()
-    tau_np, sigma_np = tau.cpu().numpy(), sigma.cpu().numpy()
+    tau_np, sigma_np = truth.tau.cpu().numpy(), truth.sigma.cpu().numpy()
+    gimg_np, sidx_np = truth.gimg.cpu().numpy(), truth.sidx.cpu().numpy()
     yield hits_i, hits_t
-    cache = _PairCache(m)
+    cache = _PairCache(m, engine.pair_budget)
     for k in range(max(len(img_tiles), len(cap_tiles))):
         # the undecided candidates of the open queries of caption span k and image span k
         qt, ct, gt, qi, ci, gi = [], [], [], [], [], []
@@ -247,7 +293,7 @@ def capped_rounds(engine, images, texts, gimg, max_rank: int):
             i_here = ispan[0] <= s < ispan[1]
             if not (t_here or i_here):
                 continue
-            g, _, mt, _, mi = _bounds(engine, images, texts, gimg, s, e, tau, sigma, cs, ce)
+            g, _, mt, _, mi = _bounds(engine, images, texts, truth, s, e, cs, ce)
             for here, mask, open_, qs, cs_, gs, t_dir in ((t_here, mt, open_t[None, cs:ce], qt, ct, gt, True),
                                                           (i_here, mi, open_i[s:e, None], qi, ci, gi, False)):
                 if not here:
@@ -257,8 +303,10 @@ def capped_rounds(engine, images, texts, gimg, max_rank: int):
                 cs_.append((ii + s if t_dir else jj + cs).cpu().numpy())
                 gs.append(g[ii, jj].cpu().numpy())
             del g, mt, mi
-        tq = _Queries(cspan[0], hits_t[cspan[0]:cspan[1]], tau_np[cspan[0]:cspan[1]], qt, ct, gt)
-        iq = _Queries(ispan[0], hits_i[ispan[0]:ispan[1]], sigma_np[ispan[0]:ispan[1]], qi, ci, gi)
+        tq = _Queries(cspan[0], hits_t[cspan[0]:cspan[1]], tau_np[cspan[0]:cspan[1]],
+                      gimg_np[cspan[0]:cspan[1]], ties, qt, ct, gt)
+        iq = _Queries(ispan[0], hits_i[ispan[0]:ispan[1]], sigma_np[ispan[0]:ispan[1]],
+                      sidx_np[ispan[0]:ispan[1]], ties, qi, ci, gi)
         del qt, ct, gt, qi, ci, gi
         chunk = 8
         while True:
@@ -268,47 +316,57 @@ def capped_rounds(engine, images, texts, gimg, max_rank: int):
                 break
             sc = cache.get(engine, images, texts, np.concatenate([img_c, img_q]),
                            np.concatenate([cap_q, cap_c]))
-            tq.score(cap_q, sc[:len(cap_q)])
-            iq.score(img_q, sc[len(cap_q):])
+            tq.score(cap_q, img_c, sc[:len(cap_q)])
+            iq.score(img_q, cap_c, sc[len(cap_q):])
             chunk *= 2
             yield hits_i, hits_t
 
 
-def _shortlist(engine, images, texts, gimg, k, image_block):
+def _shortlist(engine, images, texts, gimg, k, image_block, ties):
     n, m = len(images), len(texts)
     dev = engine.device
     # t2i: per caption, the top-k images by i0·c0 (its one true image: gimg)
     t2i = torch.cat([
         _shortlist_ranks(texts.c0[s:e] @ images.i0.T,
                          gimg[s:e, None] == torch.arange(n, device=dev)[None, :],
-                         lambda q, c, s=s: engine.pair_scores(images, texts, c, q + s), k)
+                         lambda q, c, s=s: engine.pair_scores(images, texts, c, q + s), k, ties)
         for s, e in _spans(m, image_block)]) if m else torch.zeros(0, dtype=torch.int64, device=dev)
     # i2t: per image, the top-k captions by i0·c0 (its true captions: those with gimg == image)
     i2t = torch.cat([
         _shortlist_ranks(images.i0[s:e] @ texts.c0.T,
                          gimg[None, :] == torch.arange(s, e, device=dev)[:, None],
-                         lambda q, c, s=s: engine.pair_scores(images, texts, q + s, c), k)
+                         lambda q, c, s=s: engine.pair_scores(images, texts, q + s, c), k, ties)
         for s, e in _spans(n, image_block)]) if n else torch.zeros(0, dtype=torch.int64, device=dev)
     return i2t, t2i
 
 
-def _shortlist_ranks(g, own, score, k):
+def _first_true(values, index, is_true, ties):
+    """Per row, the true item that sorts first: (its value, its index). Under "argsort" ties
+    the highest index among equal values sorts first; "pessimistic" needs only the value."""
+    ninf = torch.tensor(float("-inf"), device=values.device)
+    best = torch.where(is_true, values, ninf).amax(1)
+    at_best = is_true & (values == best[:, None])
+    idx = torch.where(at_best, index, torch.full_like(index, -1)).amax(1)
+    return best, idx
+
+
+def _shortlist_ranks(g, own, score, k, ties="pessimistic"):
     """Ranks of a block of queries against all candidates, the cross unit on each query's top
     `k` candidates by g = i0·c0 only: g (b, C) and own (b, C) (True on the query's true
     items); score(query rows, candidates) -> full S of those pairs. Within the shortlist: the
-    negatives with S >= the best true item's S; a query with no true item on its shortlist
-    ranks below the whole shortlist, then by g against the best true item's g."""
+    negatives ranking ahead of the best true item under S; a query with no true item on its
+    shortlist ranks below the whole shortlist, then by g against the best true item's g."""
     kk = min(k, g.shape[1])
     short = g.topk(kk, dim=1).indices  # (b, kk)
     rows = torch.arange(len(g), device=g.device)
     sc = score(rows.repeat_interleave(kk), short.reshape(-1)).view(-1, kk)
-    ninf = torch.tensor(float("-inf"), device=g.device)
     is_true = own.gather(1, short)
-    best = torch.where(is_true, sc, ninf).amax(1)
-    r_in = ((sc >= best[:, None]) & ~is_true).sum(1)
-    g_best = torch.where(own, g, ninf).amax(1)
+    best, best_idx = _first_true(sc, short, is_true, ties)
+    r_in = (ahead(sc, short, best[:, None], best_idx[:, None], ties) & ~is_true).sum(1)
+    every = torch.arange(g.shape[1], device=g.device).expand_as(g)
+    g_best, g_idx = _first_true(g, every, own, ties)
     off = torch.ones_like(own).scatter_(1, short, False) & ~own
-    r_out = (~is_true).sum(1) + ((g >= g_best[:, None]) & off).sum(1)
+    r_out = (~is_true).sum(1) + (ahead(g, every, g_best[:, None], g_idx[:, None], ties) & off).sum(1)
     return torch.where(is_true.any(1), r_in, r_out)
 
 
@@ -317,6 +375,13 @@ def topk(engine, images, texts, k: int, query: str = "text", mode: str = "exact"
     """Per query (caption if query == "text", image if "image"), the k best items of the other
     side under full S -> (scores (Q, k), indices (Q, k)), sorted by score descending and, among
     equal scores, by index ascending. "exact" prunes with the bound; "exhaustive" scores all."""
+    require_finite(images.i0, "image embeddings i0", "image")
+    require_finite(texts.c0, "caption embeddings c0", "caption")
+    with full_fp32():
+        return _topk(engine, images, texts, k, query, mode, block)
+
+
+def _topk(engine, images, texts, k, query, mode, block):
     by_text = query == "text"
     nq, nc = (len(texts), len(images)) if by_text else (len(images), len(texts))
     k = min(int(k), nc)

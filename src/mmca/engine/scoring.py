@@ -12,6 +12,7 @@ from mmca.engine.bank import (ImageBank, TextBank, bucketed_text_bank, build_ima
                               empty_image_bank, empty_text_bucket, fill_image_bank, fill_text_bucket,
                               pad_tokens)
 from mmca.engine.pairs import CrossWeights, score_block
+from mmca.errors import NonFiniteError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -20,6 +21,37 @@ STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def _as_index(x, device) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x, dtype=np.int64) if not torch.is_tensor(x) else x,
                            dtype=torch.int64).reshape(-1).to(device)
+
+
+def require_finite(x: torch.Tensor, what: str, item: str | None = None, offset: int = 0) -> None:
+    """Raise a NonFiniteError naming `what` (and the first bad `item` row) if `x` holds NaN/Inf:
+    NaN compares false with everything, so it would silently rank first (R@1 = 100)."""
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return
+    where = ""
+    if item is not None and x.dim() > 0:
+        bad = int((~finite.reshape(len(x), -1).all(1)).nonzero()[0])
+        where = f" ({item} {offset + bad})"
+    kind = "NaN" if bool(torch.isnan(x).any()) else "Inf"
+    raise NonFiniteError(f"{what} contain {kind}{where}: no metric or ranking can be computed from them",
+                         "check the features (re-run `mmca prepare --force`) and the checkpoint "
+                         "(a diverged run: resume from an earlier last.pt with a lower learning rate)")
+
+
+@contextmanager
+def full_fp32():
+    """Float32 matrix products at full precision for the duration, whatever the global setting:
+    TF32 (a common global switch on GPUs) moves i0·c0 by ~1e-3, far beyond the exact bound's slack."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+        torch.set_float32_matmul_precision(precision)
 
 
 @contextmanager
@@ -45,15 +77,15 @@ class ScoringEngine:
     banks and moves scores by the rounding of the stored rows (ranks stay identical between
     the exact and exhaustive modes on the same banks; scores are no longer the fp32 model's).
     `block_pairs` bounds the pairs scored at once (memory ~ block_pairs x (k + L) x d floats);
-    `granule` pads every block to a multiple of that many pairs so a pair is always computed
-    with the same shapes; `length_granule` sets the caption length buckets. `pair_budget` bounds
+    every block is padded to exactly `block_pairs` pairs, so a pair is always computed with the
+    same shapes (kernels chosen by matrix size cannot change its float); `length_granule` sets
+    the caption length buckets. `pair_budget` bounds
     the candidate pairs the exact rank passes hold at once (their masks, index vectors and
     candidate lists, ~50 bytes a pair), whatever the gallery size.
     """
 
     def __init__(self, model, device=None, precision: str = "fp32", block_pairs: int = 64,
-                 granule: int = 16, length_granule: int = 4, storage: str | None = None,
-                 pair_budget: int = 1 << 21):
+                 length_granule: int = 4, storage: str | None = None, pair_budget: int = 1 << 21):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
         if storage is not None and storage not in STORAGE:
@@ -64,12 +96,13 @@ class ScoringEngine:
         self.dtype = PRECISIONS[precision]
         self.storage = precision if storage is None else storage
         self.storage_dtype = STORAGE[self.storage]
-        self.granule = max(1, int(granule))
-        self.block_pairs = max(self.granule, int(block_pairs) // self.granule * self.granule)
+        self.block_pairs = max(1, int(block_pairs))
         self.length_granule = max(1, int(length_granule))
         self.pair_budget = max(1, int(pair_budget))
+        for name, p in self.model.named_parameters():
+            require_finite(p.detach(), f"the model's weights ({name})")
         self.weights = CrossWeights(self.model, self.dtype)
-        self.alpha = float(model.alpha)
+        self.alpha = abs(float(model.alpha))  # ModelConfig refuses α < 0; the bound needs |α|
         # |S - i0·c0| <= alpha * |i1·c1| <= alpha (1 + tol), plus rounding of i0·c0 itself
         # (i1, c1 are normalised in float32 whatever the storage dtype)
         tol = 1e-5 if self.dtype == torch.float32 else 3e-2
@@ -102,7 +135,10 @@ class ScoringEngine:
         bank = None
         for s in range(0, n, batch_size):  # filled in place, chunk by chunk: no transient copy
             e = min(n, s + batch_size)
-            part = build_image_bank(self.model, fetch(s, e).to(self.device), self.storage_dtype)
+            regions = fetch(s, e).to(self.device)
+            require_finite(regions, "image region features", "image", s)
+            part = build_image_bank(self.model, regions, self.storage_dtype)
+            require_finite(part.i0, "image embeddings i0", "image", s)
             if bank is None:
                 _, k, d = part.r.shape
                 bank = empty_image_bank(n, k, d, part.q.shape[1], self.storage_dtype, self.device)
@@ -142,8 +178,10 @@ class ScoringEngine:
             for s in range(0, len(members), batch_size):
                 pos = members[s:s + batch_size]
                 tok, msk = fetch(index[pos])
+                require_finite(tok, "caption token states", "caption of this bucket, row", s)
                 tok, msk = pad_tokens(tok.to(self.device), msk.to(self.device), length)
                 e, cc = self.model.encode_text(tok, msk)
+                require_finite(cc, "caption embeddings c0", "caption of this bucket, row", s)
                 fill_text_bucket(self.model, bucket, s, e, msk)
                 c0[torch.as_tensor(pos, device=self.device)] = cc.float()
                 del tok, msk, e, cc
@@ -161,16 +199,17 @@ class ScoringEngine:
         """Score pairs (image a, bucket row) of one bucket in fixed-shape blocks -> (P,)."""
         bucket = texts.buckets[bucket_id]
         out = torch.empty(len(a), dtype=torch.float32, device=self.device)
-        bp, gr = self.block_pairs, self.granule
+        bp = self.block_pairs
         for s in range(0, len(a), bp):
             aa, rr = a[s:s + bp], rows[s:s + bp]
             p = len(aa)
-            pad = (-p) % gr
-            if pad:  # repeat the last pair so every call has a multiple of `granule` rows
+            pad = bp - p
+            if pad:  # repeat the last pair so every call has exactly `block_pairs` rows
                 aa = torch.cat([aa, aa[-1:].expand(pad)])
                 rr = torch.cat([rr, rr[-1:].expand(pad)])
             out[s:s + p] = score_block(self.weights, images, bucket, texts.c0, aa, rr)[:p]
         self.pair_passes += len(a)
+        require_finite(out, "pair scores")
         return out
 
     @torch.no_grad()
@@ -181,7 +220,9 @@ class ScoringEngine:
         if a.shape != j.shape:
             raise ValueError("image_index and text_index must have the same length")
         if not self.alpha:  # S = i0·c0, the same float the pair kernel would compute
-            return (images.i0[a] * texts.c0[j]).sum(dim=-1)
+            out = (images.i0[a] * texts.c0[j]).sum(dim=-1)
+            require_finite(out, "pair scores")
+            return out
         out = torch.empty(len(a), dtype=torch.float32, device=self.device)
         if not len(a):
             return out
@@ -224,10 +265,11 @@ class ScoringEngine:
 
     # ---- retrieval ---------------------------------------------------------------------
     def ranks(self, images: ImageBank, texts: TextBank, caption_image, mode: str = "exact",
-              max_rank: int | None = None, shortlist_k: int = 100, image_block: int = 256):
+              max_rank: int | None = None, shortlist_k: int = 100, image_block: int = 256,
+              ties: str = "pessimistic"):
         from mmca.engine.ranking import ranks
         return ranks(self, images, texts, caption_image, mode=mode, max_rank=max_rank,
-                     shortlist_k=shortlist_k, image_block=image_block)
+                     shortlist_k=shortlist_k, image_block=image_block, ties=ties)
 
     def topk_images(self, images: ImageBank, texts: TextBank, k: int, mode: str = "exact"):
         """Per caption, the top-k images under full S -> (scores (M, k), indices (M, k));

@@ -26,6 +26,7 @@ from mmca.data.layouts import read_split
 from mmca.errors import DataError
 from mmca.features import cache, parallel
 from mmca.features.backbone import FEATURE_DIM, ImageBackbone
+from mmca.features.spec import FeatureSpec, precomp_image_spec, text_spec
 from mmca.features.text_encoder import TextEncoder
 
 # Items each worker process must get to repay its start-up of a few seconds (parallel.py).
@@ -67,15 +68,19 @@ def prepare_split(
     force: bool = False,
     workers: int | None = None,
     mirror: bool = False,
+    source: SplitSource | None = None,
 ) -> PreparedSplit:
     """Load the split's cached features, building (or with `force`, rebuilding) what is missing.
 
     Writes only under `cache_dir` (default: `cache.default_cache_dir()`), never into `root`.
     `workers`: processes for building (default: one per CPU for large splits, see parallel.py).
     `mirror`: also the mirrored photos' grids, as `dataset.image_views` (images layout only).
+    `source`: the split as already read by `read_split` (so a caller that checked it first
+    does not read, and scan, its files twice).
     """
     started = time.perf_counter()
-    source = read_split(Path(root), split, captions_per_image)
+    if source is None:
+        source = read_split(Path(root), split, captions_per_image)
     folder = cache.dataset_dir(Path(cache_dir) if cache_dir is not None else cache.default_cache_dir(), source.root)
     build = _Build(progress, force, workers)
     entries = []
@@ -88,6 +93,7 @@ def prepare_split(
             entry, mirrored = _image_entry(source, folder, backbone, build, mirror=True)
             entries.append(entry)
             views = (mirrored,)
+        image_spec = None
     elif mirror:
         raise DataError(
             f"{source.root} ships precomputed features: its photos cannot be mirrored",
@@ -95,8 +101,14 @@ def prepare_split(
         )
     else:
         features = source.image_features
-    entry, tokens = _text_entry(source, folder, TextEncoder(text_encoder, max_tokens), build)
+        image_spec = precomp_image_spec(source.root / f"{split}_ims.npy", features.shape, features.dtype)
+    encoder = TextEncoder(text_encoder, max_tokens)
+    entry, tokens = _text_entry(source, folder, encoder, build)
     entries.append(entry)
+    if image_spec is None:
+        spec = FeatureSpec.from_extractors(backbone, encoder, mirror_images=mirror)
+    else:
+        spec = FeatureSpec(image_spec, text_spec(encoder))
     dataset = RetrievalDataset(
         name=source.root.name,
         split=split,
@@ -108,6 +120,7 @@ def prepare_split(
         token_features=tokens,
         image_paths=source.image_paths,
         image_views=views,
+        feature_spec=spec,
     )
     return PreparedSplit(dataset, entries, time.perf_counter() - started)
 
@@ -123,11 +136,12 @@ def open_dataset(
     progress: bool = True,
     workers: int | None = None,
     mirror: bool = False,
+    source: SplitSource | None = None,
 ) -> RetrievalDataset:
     """The public entry: a split with its frozen features, from the cache when it is valid."""
     return prepare_split(
         root, split, cache_dir, grid, text_encoder, max_tokens, captions_per_image, progress,
-        workers=workers, mirror=mirror,
+        workers=workers, mirror=mirror, source=source,
     ).dataset
 
 

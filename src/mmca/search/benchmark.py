@@ -154,7 +154,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     rand = args.work / "random-d256.pt"
     if not rand.exists():
-        save_checkpoint(rand, MMCA(ModelConfig()))
+        from mmca.features import ImageBackbone, TextEncoder
+        from mmca.features.spec import FeatureSpec
+        save_checkpoint(rand, MMCA(ModelConfig()), FeatureSpec.from_extractors(ImageBackbone(), TextEncoder()))
     ckpts = {"random": rand}
     trained = ([str(args.checkpoint)] if args.checkpoint else
                sorted(glob.glob("runs/sample/mmca/best.pt")) or sorted(glob.glob("runs/*/best.pt")))

@@ -8,10 +8,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mmca.checkpoint import load_model
+from mmca.checkpoint import load_model, load_model_and_spec
 from mmca.data.dataset import TokenFeatures
 from mmca.engine import ScoringEngine
 from mmca.errors import CheckpointError, DataError, MmcaError
+from mmca.features.spec import FeatureSpec, extraction_options
 from mmca.search.index import (STORAGE, GalleryIndex, IndexWriter, backbone_identity,
                                checkpoint_identity, list_images, text_encoder_identity)
 
@@ -25,12 +26,14 @@ def _check_dims(model, img_dim: int, txt_dim: int, ckpt: Path) -> None:
             "use the checkpoint trained on these features (same backbone and text encoder)")
 
 
-def _meta(ckpt: Path, model, backbone, encoder, storage: str, source: dict[str, Any]) -> dict[str, Any]:
+def _meta(ckpt: Path, model, spec: FeatureSpec, backbone, encoder, storage: str,
+          source: dict[str, Any]) -> dict[str, Any]:
     if storage not in STORAGE:
         raise MmcaError(f"storage must be one of {sorted(STORAGE)}, not {storage!r}")
     return {
         "checkpoint": checkpoint_identity(ckpt),
         "model_config": model.config.to_dict(),
+        "feature_spec": spec.to_dict(),
         "backbone": backbone_identity(backbone.describe()) if backbone is not None else None,
         "text_encoder": text_encoder_identity(encoder.describe()),
         "text_encoder_dir": str(encoder.model_dir),
@@ -70,25 +73,28 @@ def _encode_captions(encoder, texts: list[str], progress: bool) -> TokenFeatures
 
 
 def build_from_dataset(out: str | Path, checkpoint: str | Path, root: str | Path, split: str,
-                       limit: int | None = None, storage: str = "fp16", grid: int = 6,
-                       text_encoder: str | Path | None = None, max_tokens: int = 64,
+                       limit: int | None = None, storage: str = "fp16", grid: int | None = None,
+                       text_encoder: str | Path | None = None, max_tokens: int | None = None,
                        overwrite: bool = False, progress: bool = True) -> GalleryIndex:
-    """Index a prepared split (its cached features; computed now if missing). `limit`: the
-    first `limit` images and their captions only."""
+    """Index a prepared split (its cached features; computed now if missing) with the features
+    the checkpoint was trained on (grid, text encoder, max_tokens: None adopts the checkpoint's;
+    a value that contradicts it is refused). `limit`: the first `limit` images and their
+    captions only."""
     from mmca.features import ImageBackbone, TextEncoder, prepare_split
 
     ckpt = Path(checkpoint)
-    model, _ = load_model(ckpt)
-    prepared = prepare_split(root, split, grid=grid, text_encoder=text_encoder, max_tokens=max_tokens,
-                             progress=progress)
+    model, spec, _ = load_model_and_spec(ckpt)
+    opts = extraction_options(spec, grid, text_encoder, max_tokens)
+    prepared = prepare_split(root, split, progress=progress, **opts)
     ds = prepared.dataset
-    encoder = TextEncoder(text_encoder, max_tokens)
-    backbone = ImageBackbone(grid) if ds.image_paths is not None else None
+    spec.require_match(ds.spec, f"checkpoint {ckpt}", f"{root}, split {split}")
+    encoder = TextEncoder(opts["text_encoder"], opts["max_tokens"])
+    backbone = ImageBackbone(opts["grid"]) if ds.image_paths is not None else None
     _check_dims(model, ds.image_features.shape[2], ds.token_features.dim, ckpt)
     n = ds.num_images if limit is None else min(int(limit), ds.num_images)
     cap = np.nonzero(ds.caption_image < n)[0]
     engine = ScoringEngine(model, "cpu")
-    meta = _meta(ckpt, model, backbone, encoder, storage,
+    meta = _meta(ckpt, model, ds.spec, backbone, encoder, storage,
                  {"kind": "dataset", "root": str(Path(root).resolve()), "split": split, "limit": limit})
     bank = engine.image_bank(np.array(ds.image_features[:n], dtype=np.float32))
     states = ds.token_features
@@ -117,23 +123,27 @@ def _extract(backbone, paths: list[Path], progress: bool) -> np.ndarray:
 
 
 def build_from_folder(out: str | Path, checkpoint: str | Path, folder: str | Path,
-                      captions: str | Path | None = None, storage: str = "fp16", grid: int = 6,
-                      text_encoder: str | Path | None = None, max_tokens: int = 64,
+                      captions: str | Path | None = None, storage: str = "fp16", grid: int | None = None,
+                      text_encoder: str | Path | None = None, max_tokens: int | None = None,
                       overwrite: bool = False, progress: bool = True) -> GalleryIndex:
-    """Index every image of a folder (features through the training backbone); captions from
-    `captions` (captions.tsv by filename, or plain lines) or the folder's captions.tsv."""
+    """Index every image of a folder (features through the backbone the checkpoint was trained
+    with, as in `build_from_dataset`); captions from `captions` (captions.tsv by filename, or
+    plain lines) or the folder's captions.tsv."""
     from mmca.features import ImageBackbone, TextEncoder
 
     ckpt = Path(checkpoint)
-    model, _ = load_model(ckpt)
+    model, spec, _ = load_model_and_spec(ckpt)
+    opts = extraction_options(spec, grid, text_encoder, max_tokens)
     folder = Path(folder).resolve()
     paths = list_images(folder)
     if captions is None and (folder / "captions.tsv").is_file():
         captions = folder / "captions.tsv"
-    backbone, encoder = ImageBackbone(grid), TextEncoder(text_encoder, max_tokens)
-    _check_dims(model, 1280, encoder.dim, ckpt)
+    backbone, encoder = ImageBackbone(opts["grid"]), TextEncoder(opts["text_encoder"], opts["max_tokens"])
+    found = FeatureSpec.from_extractors(backbone, encoder)
+    spec.require_match(found, f"checkpoint {ckpt}", f"the backbone and text encoder for {folder}")
+    _check_dims(model, backbone.describe()["dim"], encoder.dim, ckpt)
     engine = ScoringEngine(model, "cpu")
-    meta = _meta(ckpt, model, backbone, encoder, storage, {"kind": "folder", "root": str(folder)})
+    meta = _meta(ckpt, model, found, backbone, encoder, storage, {"kind": "folder", "root": str(folder)})
     bank = engine.image_bank(_extract(backbone, paths, progress))
     names = [p.name for p in paths]
     texts, images = _read_captions(captions, names)

@@ -1,0 +1,40 @@
+"""The feature flags shared by the commands that compute features (--grid, --text-encoder,
+--max-tokens), and how a command that has a checkpoint adopts the checkpoint's feature spec."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from mmca.features.spec import FeatureSpec, extraction_options
+
+DEFAULT_GRID = 6
+DEFAULT_MAX_TOKENS = 64
+
+
+def add_feature_arguments(p: argparse.ArgumentParser, adopts: bool = False) -> None:
+    """`adopts`: the command has a checkpoint whose feature spec is the default."""
+    default = "the checkpoint's" if adopts else None
+    p.add_argument("--grid", type=int, default=None, choices=(6, 7),
+                   help=f"image regions per side (default: {default or DEFAULT_GRID})")
+    p.add_argument("--text-encoder", type=Path, metavar="DIR",
+                   help="a local BERT-family model directory, e.g. BERT-base "
+                        f"(default: {default or 'all-MiniLM-L6-v2, shipped offline'})")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help=f"token limit per caption, [CLS] and [SEP] included (default: {default or DEFAULT_MAX_TOKENS})")
+
+
+def feature_options(args: argparse.Namespace, spec: FeatureSpec | None = None) -> dict[str, Any]:
+    """grid / text_encoder / max_tokens for `open_dataset`: those of a checkpoint's feature
+    spec when there is one (explicit flags must agree with it), else the flags or their defaults."""
+    if spec is None:
+        return {"grid": args.grid or DEFAULT_GRID, "text_encoder": args.text_encoder,
+                "max_tokens": args.max_tokens or DEFAULT_MAX_TOKENS}
+    return extraction_options(spec, args.grid, args.text_encoder, args.max_tokens)
+
+
+def checkpoint_feature_spec(path: Path) -> FeatureSpec:
+    from mmca.checkpoint import checkpoint_spec, read_checkpoint
+
+    return checkpoint_spec(read_checkpoint(path), path)
