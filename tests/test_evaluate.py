@@ -213,3 +213,38 @@ def test_cli_errors_are_clear(mmca, precomp, checkpoint, tmp_path, capsys):
     (precomp / "dev_caps.txt").write_text("\n".join(captions[:-1]) + "\n")
     assert mmca("evaluate", precomp, "--checkpoint", checkpoint) == 2
     assert "29 captions" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_nan_checkpoint_and_writes_no_results(mmca, precomp, checkpoint, tmp_path, capsys):
+    from mmca.checkpoint import read_checkpoint
+
+    payload = read_checkpoint(checkpoint)
+    payload["model"]["region_fc.bias"][0] = float("nan")
+    torch.save(payload, checkpoint)
+    assert mmca("evaluate", precomp, "--checkpoint", checkpoint, "--cache", tmp_path / "cache") == 2
+    assert "contain NaN" in capsys.readouterr().err
+    assert not list(checkpoint.parent.glob("eval-*.json"))
+
+
+def test_cli_results_record_precision_ties_and_never_collide(mmca, precomp, checkpoint, tmp_path):
+    common = ("evaluate", precomp, "--checkpoint", checkpoint, "--cache", tmp_path / "cache",
+              "--captions-per-image", "0")  # 0: any count, as in `mmca prepare`
+    assert mmca(*common) == 0
+    assert mmca(*common, "--ties", "argsort") == 0
+    assert mmca(*common, "--precision", "bf16") == 0
+    names = sorted(p.name for p in checkpoint.parent.glob("eval-*.json"))
+    assert names == ["eval-dev-full-exact-bf16.json", "eval-dev-full-exact-fp32-argsort-ties.json",
+                     "eval-dev-full-exact-fp32.json"]
+    raw = json.loads((checkpoint.parent / "eval-dev-full-exact-bf16.json").read_text())
+    assert raw["precision"] == "bf16" and raw["ties"] == "pessimistic" and raw["device"] == "cpu"
+    assert raw["exact_below"] == 10 and raw["mode"] == "exact"
+
+
+def test_the_split_is_read_once(mmca, precomp, checkpoint, tmp_path, monkeypatch):
+    import mmca.data.layouts as layouts
+
+    calls = []
+    real = layouts._read_precomp_split
+    monkeypatch.setattr(layouts, "_read_precomp_split", lambda *a: calls.append(a) or real(*a))
+    assert mmca("evaluate", precomp, "--checkpoint", checkpoint, "--cache", tmp_path / "cache") == 0
+    assert len(calls) == 1

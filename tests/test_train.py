@@ -175,3 +175,51 @@ def test_learning_rate_schedule_is_the_papers():
     paper = TrainConfig()
     assert learning_rate(paper, 9) == pytest.approx(2e-4)
     assert learning_rate(paper, 10) == pytest.approx(2e-5)
+
+
+def test_training_stops_on_a_nan_gradient_without_stepping(tmp_path):
+    trainer = Trainer(TINY.replace(epochs=1), synthetic_split(24, 1), synthetic_split(10, 2), tmp_path,
+                      progress=False, log=lambda _: None)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.model.region_fc.weight.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(MmcaError, match="gradient became nan.*last good state"):
+        trainer.run()
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the poisoned step was not applied
+
+
+def test_training_says_which_precision_it_mines_in(monkeypatch, tmp_path):
+    import json
+
+    from mmca.engine import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2"})  # a CPU that emulates bf16
+    precision._auto.cache_clear()
+    lines = []
+    trainer = Trainer(TINY.replace(epochs=1), synthetic_split(8, 1), synthetic_split(6, 2), tmp_path,
+                      progress=False, log=lines.append)
+    precision._auto.cache_clear()
+    assert trainer.mining.precision == "fp32"
+    assert any("mining in fp32 (auto: CPU capability" in line and "emulated" in line for line in lines)
+    assert json.loads((tmp_path / "config.json").read_text())["mining"]["precision"] == "fp32"
+
+
+def test_a_staged_run_branched_from_its_ablation_equals_one_that_trained_the_prefix(tmp_path):
+    from mmca.train import prefix_config
+
+    staged = TINY.replace(epochs=3, cross_from_epoch=2, lr_decay_epochs=(2,))
+    full = train_tiny(tmp_path / "full", staged)[0]
+    ablation = Trainer(prefix_config(staged), synthetic_split(24, 1), synthetic_split(10, 2), tmp_path / "a0",
+                       progress=False, log=lambda _: None)
+    ablation.run(until_epoch=2)
+    branch = tmp_path / "prefix.pt"
+    branch.write_bytes(ablation.last_path.read_bytes())
+    ablation.run()  # the ablation goes on to its end, unaffected
+    branched, summary = train_tiny(tmp_path / "branched", staged, branch_from=branch)
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, branched.model.state_dict()[k]), k
+    untimed = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]  # noqa: E731
+    assert untimed(summary["history"]) == untimed(full.state.history)
+    assert summary["best_epoch"]["epoch"] == 3
+    with pytest.raises(MmcaError, match="another configuration"):  # a prefix of another recipe
+        train_tiny(tmp_path / "wrong", staged.replace(seed=5), branch_from=branch)

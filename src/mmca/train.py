@@ -85,8 +85,11 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, train_set: RetrievalDataset, dev_set: RetrievalDataset,
                  out_dir: str | Path, device: str | torch.device = "cpu", resume: bool = False,
-                 init_from: str | Path | None = None, progress: bool = True,
-                 log: Callable[[str], None] = print):
+                 init_from: str | Path | None = None, branch_from: str | Path | None = None,
+                 progress: bool = True, log: Callable[[str], None] = print):
+        """`branch_from`: the last.pt of this run's α = 0 ablation saved at the end of epoch
+        `cross_from_epoch` (see `prefix_config`): the staged run's first epochs are that
+        run's, bit for bit, so they are taken from it instead of trained again."""
         self.config = config.replace(model_img_dim=int(train_set.image_features.shape[2]),
                                      model_txt_dim=train_set.token_features.dim)
         if self.config.mirror_images and not train_set.image_views:
@@ -110,6 +113,8 @@ class Trainer:
                 raise MmcaError(f"{self.out_dir} already holds a run (last.pt)",
                                 "pass --resume to continue it, or choose another --out directory")
             self._restore()
+        elif branch_from is not None:
+            self._branch(Path(branch_from))
         elif init_from is not None:
             self._init_weights(Path(init_from))
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,14 +136,15 @@ class Trainer:
                             "initialise from a checkpoint trained on the same features")
         self.log(f"initialised from {path}" + (f" ({len(missing)} tensors new)" if missing else ""))
 
-    def _restore(self) -> None:
-        payload = read_checkpoint(self.last_path)
+    def _restore(self, path: Path | None = None, expected: TrainConfig | None = None) -> None:
+        path = path or self.last_path
+        payload = read_checkpoint(path)
         saved = TrainConfig.from_dict(payload["train_config"])
-        if saved != self.config:
-            raise MmcaError(f"{self.last_path} was trained with another configuration",
+        if saved != (expected or self.config):
+            raise MmcaError(f"{path} was trained with another configuration",
                             "resume with the same preset and options, or start a new --out directory")
-        checkpoint_spec(payload, self.last_path).require_match(
-            self.spec, str(self.last_path), f"the {self.train_set.split} split",
+        checkpoint_spec(payload, path).require_match(
+            self.spec, str(path), f"the {self.train_set.split} split",
             "resume with the features the run started with (same --grid and --text-encoder)")
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
@@ -146,7 +152,20 @@ class Trainer:
         if payload.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(payload["cuda_rng"], self.device)
         self.state = TrainState(**json.loads(payload["state"]))
-        self.log(f"resuming {self.out_dir} at epoch {self.state.epoch + 1}, step {self.state.step}")
+        if path == self.last_path:
+            self.log(f"resuming {self.out_dir} at epoch {self.state.epoch + 1}, step {self.state.step}")
+
+    def _branch(self, path: Path) -> None:
+        """Start from the α = 0 run's state at the end of the shared prefix."""
+        prefix = self.config.cross_from_epoch
+        if not (self.config.model.alpha and prefix):
+            raise MmcaError("branching needs a staged run (alpha > 0 and cross_from_epoch > 0)")
+        self._restore(path, expected=prefix_config(self.config))
+        if (self.state.epoch, self.state.step) != (prefix, 0):
+            raise MmcaError(f"{path} holds epoch {self.state.epoch}, step {self.state.step}, not the end of "
+                            f"epoch {prefix}", "branch from the α = 0 run's state saved after that epoch")
+        self.state.best_rsum = -1.0  # best.pt holds the full model: the prefix's epochs are not candidates
+        self.log(f"epochs 1-{prefix} taken from {path} (the α = 0 run, identical up to there)")
 
     def _save_last(self) -> None:
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
@@ -227,9 +246,11 @@ class Trainer:
         r1 = metrics["i2t_r1"] + metrics["t2i_r1"]
         return kind == "max" and loss >= 0.98 * collapse_floor(self.config) and r1 < 1.0
 
-    def run(self) -> dict:
+    def run(self, until_epoch: int | None = None) -> dict:
+        """Train to the last epoch, or stop once `until_epoch` epochs are done (resumable)."""
         cfg, st = self.config, self.state
-        while st.epoch < cfg.epochs:
+        stop = cfg.epochs if until_epoch is None else min(cfg.epochs, until_epoch)
+        while st.epoch < stop:
             started = time.perf_counter()
             loss, kind, lr = self._train_epoch()
             train_s = time.perf_counter() - started
@@ -274,6 +295,14 @@ class Trainer:
         writer.writerows(self.state.history)
         atomic_write_text(self.out_dir / "log.csv", rows.getvalue())
         plot_curves(self.state.history, self.out_dir / "curves.png")
+
+
+def prefix_config(config: TrainConfig) -> TrainConfig:
+    """The α = 0 ablation of a staged run: the same recipe with the cross module off
+    throughout. Its first `config.cross_from_epoch` epochs are the staged run's, bit for bit
+    (same initialisation, data order, views and optimiser state: the cross weights exist in
+    both and get no gradient while off)."""
+    return config.replace(model_alpha=0.0, cross_from_epoch=0)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

@@ -21,7 +21,9 @@ Run everything on DATASET_DIR (the README's main command runs it on the Flickr8k
   3. train the full model (S = i0·c0 + α·i1·c1) with the same preset and budget: the CPU
      presets train the first epochs with the cross module off (S = i0·c0, ~10x cheaper)
      and switch it on for the last ones, so both runs see the same schedule and data order
-     and differ only in the cross module (see docs/results.md);
+     and differ only in the cross module (see docs/results.md). Those first epochs are the
+     ablation's, bit for bit: they are trained once and the full model branches from the
+     ablation's state after them;
   4. evaluate both best checkpoints on the validation split (exact protocol; the per-epoch
      validation already computed it) and print them beside the paper's Flickr30K 1K row.
 
@@ -37,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="dev")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    p.add_argument("--seed", type=int, default=None, help="seed of both runs (default: the preset's, 0)")
     p.add_argument("--cache", type=Path, help="feature cache directory (default: ~/.cache/mmca)")
     add_feature_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
@@ -46,12 +49,14 @@ def run(args: argparse.Namespace) -> int:
     from mmca.checkpoint import read_checkpoint
     from mmca.evaluate import PAPER_RESULTS, format_table
     from mmca.features.prepare import open_dataset
-    from mmca.io import atomic_write_text
-    from mmca.train import Trainer
+    from mmca.io import atomic_write, atomic_write_text
+    from mmca.train import Trainer, prefix_config
 
     started = time.perf_counter()
     progress = not args.no_progress
     config = preset(args.preset)
+    if args.seed is not None:
+        config = config.replace(seed=args.seed)
     features = feature_options(args)
     train_set = open_dataset(args.dataset, args.train_split, cache_dir=args.cache, progress=progress,
                              mirror=config.mirror_images, **features)
@@ -59,13 +64,20 @@ def run(args: argparse.Namespace) -> int:
     for ds in (train_set, dev_set):
         print("  ".join(f"{k}: {v}" for k, v in ds.summary().items()))
 
-    runs = {"α = 0 ablation": (args.out / "alpha0", config.replace(model_alpha=0.0, cross_from_epoch=0)),
-            "MMCA": (args.out / "mmca", config)}
+    runs = {"α = 0 ablation": (args.out / "alpha0", prefix_config(config)), "MMCA": (args.out / "mmca", config)}
+    staged = config.cross_from_epoch if config.model.alpha else 0
+    branch = args.out / "alpha0" / f"prefix-epoch{staged}.pt"  # the ablation's state after the shared epochs
     rows, timings = {}, {}
     for name, (out, cfg) in runs.items():
         print(f"\n== {name}: {cfg.epochs} epochs, preset {args.preset} -> {out}")
         t0 = time.perf_counter()
-        Trainer(cfg, train_set, dev_set, out, device=args.device, resume=True, progress=progress).run()
+        trainer = Trainer(cfg, train_set, dev_set, out, device=args.device, resume=True, progress=progress,
+                          branch_from=branch if cfg is config and branch.exists() else None)
+        if cfg is not config and staged:
+            trainer.run(until_epoch=staged)
+            if trainer.state.epoch == staged and not branch.exists():
+                atomic_write(branch, lambda f, src=trainer.last_path: f.write(src.read_bytes()))
+        trainer.run()
         timings[name] = round(time.perf_counter() - t0, 1)
         best = read_checkpoint(out / "best.pt")
         rows[f"{name} (epoch {best['epoch']})"] = best["metrics"]
