@@ -23,6 +23,8 @@ import torch
 
 from mmca.config import ModelConfig
 from mmca.engine.mining import exhaustive_loss, mined_loss
+from mmca.engine.pairs import pair_flops
+from mmca.engine.precision import native_bf16, resolve_precision
 from mmca.engine.ranking import capped_rounds, exact_blocks
 from mmca.engine.scoring import ScoringEngine, inference_mode
 from mmca.metrics import DIRECTIONS, RECALL_AT, retrieval_metrics
@@ -92,6 +94,46 @@ def plain_scores(model, regions, tokens, mask, batch: int = 256) -> torch.Tensor
     return out.view(n, m)
 
 
+def gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, device, seconds: float = 0.3) -> float:
+    """GFLOP/s of (m, k) @ (k, n) in `dtype`: the best of repeated timings over ~`seconds`."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    a @ b
+    best, spent = float("inf"), 0.0
+    while spent < seconds:
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        best, spent = min(best, dt), spent + dt
+    return 2 * m * k * n / best / 1e9
+
+
+def bench_roof(model, args, log, rates: dict) -> dict:
+    """The kernel's achieved GFLOP/s against the device's matrix-product rate at the kernel's
+    own shapes (the FFN rows of one block: block_pairs·(k + L) x d by d x d), same threads."""
+    c = model.config
+    length = int(np.ceil(RandomTokens(args.score_captions, c.txt_dim, seed=12).lengths.mean() / 4) * 4)
+    flops = pair_flops(args.regions, length, c.d, c.ffn, c.cnn_filters, c.windows)
+    rows = 64 * (args.regions + length)
+    native, what = native_bf16(args.device)
+    out = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "device_bf16": what,
+           "pair_mflop": flops / 1e6, "gemm_shape": [rows, c.d, c.d]}
+    for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if p == "bf16" and not native:
+            continue  # an emulated roof says nothing
+        roof = gemm_rate(rows, c.d, c.d, dtype, args.device)
+        achieved = rates[f"{p}_pairs_per_s"] * flops / 1e9
+        out.update({f"{p}_roof_gflops": roof, f"{p}_kernel_gflops": achieved, f"{p}_roof_fraction": achieved / roof})
+        log(f"    {p} roof {roof:.1f} GFLOP/s ({rows}x{c.d} @ {c.d}x{c.d}); kernel {achieved:.1f} GFLOP/s "
+            f"({flops / 1e6:.1f} MFLOP/pair at L {length}) = {100 * achieved / roof:.0f}% of the roof")
+    log(f"    device: {what}; auto precision -> {resolve_precision('auto', args.device).precision}")
+    return out
+
+
 def bench_scoring(model, args, log) -> dict:
     images = RandomImages(args.score_images, args.regions, model.config.img_dim, seed=11)
     texts = RandomTokens(args.score_captions, model.config.txt_dim, seed=12)
@@ -142,6 +184,9 @@ def bench_training(config, args, log) -> dict:
         opt.step()
         return time.perf_counter() - t, float(loss.detach()), stats
 
+    mining = resolve_precision(args.mine_precision, args.device)
+    args = type(args)(**{**vars(args), "mine_precision": mining.precision})
+    log(f"(b) mining in {mining.precision} ({mining.reason})")
     step("mined")  # warm-up
     t_mined, l_mined, stats = min(step("mined") for _ in range(2))
     t_full, l_full, _ = step("exhaustive")
@@ -319,7 +364,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--score-images", type=int, default=32)
     parser.add_argument("--score-captions", type=int, default=160)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--mine-precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--mine-precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="precision of (b)'s mining pass (default: auto, bf16 only where native)")
     parser.add_argument("--rank-images", type=int, default=100,
                         help="random gallery of N images x 5N captions for (c)")
     parser.add_argument("--checkpoint", default=None, help="trained model for (c)")
@@ -354,6 +400,7 @@ def run(args) -> int:
     results = {}
     if "a" in args.only:
         results["scoring"] = bench_scoring(model, args, log)
+        results["roof"] = bench_roof(model, args, log, results["scoring"])
     if "b" in args.only:
         results["training"] = bench_training(ModelConfig(img_dim=args.img_dim, txt_dim=args.txt_dim,
                                                          d=args.d, heads=args.heads), args, log)

@@ -101,6 +101,17 @@ def _text_head(w: CrossWeights, y: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return F.normalize(c, dim=-1)
 
 
+def pair_flops(k: int, length: int, d: int, ffn: int, filters: int, windows: tuple[int, ...]) -> int:
+    """Floating-point operations of one pair in `score_block` (multiply-adds count 2), counting
+    the matrix products only (softmax, norms and adds are a few percent): the cross attention
+    blocks (region rows over tokens, token rows over their own tokens and the regions), the
+    output projection and FFN on k + L rows, and the text head's taps and FC."""
+    attention = 2 * 2 * k * length * d + 2 * 2 * length * (length + k) * d
+    rows = (k + length) * (2 * d * d + 2 * 2 * d * ffn)
+    head = 2 * length * d * filters * sum(windows) + 2 * filters * len(windows) * d
+    return attention + rows + head
+
+
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     p_, h, length, dh = x.shape
     return x.transpose(1, 2).reshape(p_, length, h * dh)
