@@ -40,13 +40,19 @@ def checkpoint_spec(payload: dict[str, Any], path: str | Path) -> FeatureSpec:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The raw payload, loaded safely (no arbitrary code runs while unpickling)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file",
+                              "pass a .pt file written by `mmca train`, e.g. RUN_DIR/best.pt")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}",
                               "train one with `mmca train` or pass the path of an existing .pt file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign files
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}",
+        # torch's own message may advise weights_only=False: never repeat unsafe advice
+        reason = str(err).split("\n")[0] if "weights_only" not in str(err) else (
+            "it holds objects other than tensors and plain data (a pickled program, refused for safety)")
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}",
                               "the file is corrupt or not an mmca checkpoint; use another one") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an mmca checkpoint (format {FORMAT} expected)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from mmca.errors import MmcaError
 
@@ -22,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Multi-Modality Cross Attention for image-sentence matching: "
         "prepare features, train, evaluate with the standard protocol, search.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an unexpected error (a bug: please report it)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         module = importlib.import_module(f"mmca.cli.{name}")
@@ -36,8 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"mmca: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _warning_line  # one readable line, not a source location
     try:
         return int(args._run(args) or 0)
     except MmcaError as err:
@@ -48,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mmca {args.command}: interrupted; nothing partial was kept.", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug, not bad input: one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"mmca {args.command}: unexpected error: {type(err).__name__}: {err}", file=sys.stderr)
+        print("  what to do: run again as `mmca --debug ...` for the traceback, and report it", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

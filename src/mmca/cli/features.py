@@ -13,6 +13,17 @@ DEFAULT_GRID = 6
 DEFAULT_MAX_TOKENS = 64
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_feature_arguments(p: argparse.ArgumentParser, adopts: bool = False) -> None:
     """`adopts`: the command has a checkpoint whose feature spec is the default."""
     default = "the checkpoint's" if adopts else None

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mmca.cli.features import add_feature_arguments
+from mmca.cli.features import add_feature_arguments, positive_int
 from mmca.errors import MmcaError
 
 NAME = "index"
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--dataset", type=Path, metavar="ROOT", help="a dataset folder (images or precomp layout)")
     src.add_argument("--images", type=Path, metavar="FOLDER", help="a folder of image files")
     p.add_argument("--split", default="dev", help="split of --dataset (default: dev)")
-    p.add_argument("--limit", type=int, metavar="N", help="index only the first N images of the split")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="index only the first N images of the split")
     p.add_argument("--captions", type=Path, metavar="FILE",
                    help="captions: a TSV `filename<TAB>caption`, or plain lines (a caption set of no image)")
     p.add_argument("--index", type=Path, metavar="DIR", help="existing index (with --add)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from mmca.cli.features import add_feature_arguments, checkpoint_feature_spec, feature_options
@@ -50,6 +51,20 @@ OVERRIDES = {
 }
 
 
+def check_run_dir(out: Path) -> None:
+    """The run directory must be a directory we can write, or creatable."""
+    if out.exists() and not out.is_dir():
+        raise MmcaError(f"--out {out} is a file, not a directory", "choose a directory for the run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise MmcaError(f"cannot write the run directory {out}: {err.strerror}",
+                        "choose a directory you can write, or fix its permissions") from err
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", type=Path, metavar="DATASET_DIR")
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="training recipe (default: cpu)")
@@ -76,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     changes = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
     config = preset(args.preset).replace(**changes)
+    check_run_dir(args.out)  # before any feature is computed
     features = feature_options(args, checkpoint_feature_spec(args.init_from) if args.init_from else None)
     common = dict(cache_dir=args.cache, captions_per_image=args.captions_per_image,
                   progress=not args.no_progress, **features)

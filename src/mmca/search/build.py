@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -51,20 +52,29 @@ def _read_captions(path: Path | None, names: Sequence[str]) -> tuple[list[str], 
     if not path.is_file():
         raise DataError(f"captions file not found: {path}", "pass a captions.tsv or a text file, one caption a line")
     by_name = {n: i for i, n in enumerate(names)}
-    texts, images = [], []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a leading BOM is not text
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})",
+                        "convert it, e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`") from err
+    texts, images, unknown = [], [], []
+    for line in lines:
         if not line.strip():
             continue
         if "\t" in line:
             name, text = line.split("\t", 1)
             if name not in by_name:
-                continue  # a caption of an image not in this gallery
+                unknown.append(name)  # a caption of an image not in this gallery
+                continue
             image = by_name[name]
         else:
             text, image = line, None
         if text.strip():
             texts.append(text.strip())
             images.append(image)
+    if unknown:
+        warnings.warn(f"{path}: {len(unknown)} caption(s) name {len(set(unknown))} file(s) that are not in "
+                      f"the gallery (e.g. {unknown[0]!r}); they were skipped", stacklevel=2)
     return texts, images
 
 

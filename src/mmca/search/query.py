@@ -55,6 +55,11 @@ class QueryError(MmcaError):
 def check_text(text: Any) -> str:
     if not isinstance(text, str):
         raise QueryError("the query must be a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # lone surrogates: from JSON escapes or undecodable argv bytes
+        raise QueryError("the query is not valid Unicode text (it holds a lone surrogate or bytes that "
+                         "are not UTF-8)", "type the sentence as plain UTF-8 text") from err
     text = text.strip()
     if not text:
         raise QueryError("the query is empty", "type a sentence describing the photo")

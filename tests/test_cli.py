@@ -1,0 +1,99 @@
+"""The command line as a careless or hostile user meets it: every mistake is one clear line
+(exit 2), an unexpected error is one line plus a --debug pointer (exit 1), never a traceback."""
+
+import pytest
+import torch
+
+from mmca.cli import main
+from mmca.errors import CheckpointError
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_it(capsys, monkeypatch):
+    import mmca.cli.prepare as prepare
+
+    def boom(args):
+        raise RuntimeError("something broke")
+
+    monkeypatch.setattr(prepare, "run", boom)
+    code, err = run(capsys, "prepare", "anywhere")
+    assert code == 1 and "unexpected error: RuntimeError: something broke" in err and "--debug" in err
+    assert "Traceback" not in err
+    with pytest.raises(RuntimeError):
+        main(["--debug", "prepare", "anywhere"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "epochs=0 must be at least 1"),
+    (["--batch-size", "1"], "batch_size=1 must be at least 2"),
+    (["--lr", "-1"], "lr=-1.0 must be"),
+    (["--d", "250", "--heads", "16"], "d=250 must be divisible by heads=16"),
+    (["--alpha", "-0.2"], "alpha=-0.2 must be"),
+])
+def test_train_refuses_bad_options_before_any_work(capsys, tmp_path, flags, message):
+    code, err = run(capsys, "train", tmp_path / "no-such-dataset", "--out", tmp_path / "run", *flags)
+    assert code == 2 and message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_an_out_that_is_a_file(capsys, tmp_path):
+    (tmp_path / "taken").write_text("x")
+    code, err = run(capsys, "train", tmp_path, "--out", tmp_path / "taken")
+    assert code == 2 and "is a file, not a directory" in err
+
+
+def test_index_limit_must_be_positive(capsys, tmp_path):
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["index", "--checkpoint", "c.pt", "--out", str(tmp_path), "--dataset", ".", "--limit", bad])
+        assert exit_.value.code == 2
+    assert "--limit" in capsys.readouterr().err
+
+
+def test_checkpoint_messages_say_what_is_wrong_and_never_advise_an_unsafe_load(tmp_path):
+    from mmca.checkpoint import read_checkpoint
+
+    with pytest.raises(CheckpointError, match="is a directory"):
+        read_checkpoint(tmp_path)
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "mmca-checkpoint-v1", "x": Exception("a pickled object")}, evil)  # not plain data
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(evil)
+    assert "weights_only" not in str(err.value) and "refused" in str(err.value)
+
+
+def test_crafted_checkpoints_are_refused_cleanly(tmp_path):
+    from mmca.checkpoint import FORMAT, load_model
+
+    for payload in ({"format": FORMAT}, {"format": FORMAT, "config": {"heads": 0}, "model": {}},
+                    {"format": FORMAT, "config": {}, "model": {"region_fc.weight": torch.zeros(3)}}):
+        path = tmp_path / "crafted.pt"
+        torch.save(payload, path)
+        with pytest.raises(CheckpointError, match="not a usable mmca checkpoint"):
+            load_model(path)
+
+
+def test_search_refuses_text_that_is_not_unicode():
+    from mmca.search.query import QueryError, check_text
+
+    with pytest.raises(QueryError, match="not valid Unicode"):
+        check_text("\udcff dog")  # an undecodable argv byte, or a lone surrogate from JSON
+    assert check_text("  a dog  ") == "a dog"
+
+
+def test_index_captions_bom_latin1_and_unknown_names(tmp_path):
+    from mmca.errors import DataError
+    from mmca.search.build import _read_captions
+
+    tsv = tmp_path / "c.tsv"
+    tsv.write_bytes("\ufeffa.jpg\ta dog\nb.jpg\ta cat\nzzz.jpg\tnobody\n".encode("utf-8"))
+    with pytest.warns(UserWarning, match="1 caption.*not in the gallery"):
+        texts, images = _read_captions(tsv, ["a.jpg", "b.jpg"])
+    assert texts == ["a dog", "a cat"] and images == [0, 1]  # the BOM did not eat the first line
+    tsv.write_bytes("a.jpg\tun caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match="(?s)not UTF-8.*iconv"):
+        _read_captions(tsv, ["a.jpg"])
