@@ -46,7 +46,22 @@ def test_page_in_chromium(server_url, gallery):
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run"])
         try:
-            page = browser.new_page(viewport={"width": 1100, "height": 1300})
+            # the page under its own Content-Security-Policy: it loads, searches, shows images,
+            # and the browser reports no violation (waits by selector: CSP forbids eval)
+            strict = browser.new_page()
+            violations = []
+            strict.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
+            response = strict.goto(server_url)
+            assert "script-src 'self'" in response.headers["content-security-policy"]
+            assert response.headers["x-content-type-options"] == "nosniff"
+            strict.locator("#info", has_text="20 images").wait_for()
+            strict.fill("#query", "a dog runs on the beach")
+            strict.click("#search-btn")
+            strict.wait_for_selector("#results .card img")
+            assert not violations, violations
+            strict.close()
+            # the rest drives the page with evaluated checks, which need CSP bypassed for the test
+            page = browser.new_page(viewport={"width": 1100, "height": 1300}, bypass_csp=True)
             page.goto(server_url)
             page.wait_for_function("document.getElementById('info').textContent.includes('20 images')")
             page.fill("#query", "a dog runs on the beach")

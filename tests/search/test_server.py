@@ -15,7 +15,7 @@ from mmca.search.server import create_app
 
 @pytest.fixture(scope="module")
 def client(searcher):
-    return TestClient(create_app(searcher), raise_server_exceptions=False)
+    return TestClient(create_app(searcher), base_url="http://127.0.0.1:8000", raise_server_exceptions=False)
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -127,7 +127,7 @@ def test_raw_path_traversal_against_the_real_server(index_dir):
             time.sleep(0.05)
         for path in ("/api/image/../../etc/passwd", "/../../etc/passwd", "/static/../../../etc/passwd"):
             with socket.create_connection(("127.0.0.1", port)) as c:
-                c.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                c.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
                 data = b""
                 while chunk := c.recv(65536):
                     data += chunk

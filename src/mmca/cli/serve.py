@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from mmca.search.server import create_app
 
     searcher = Searcher(args.index, args.checkpoint)
-    app = create_app(searcher)
+    app = create_app(searcher, host=args.host)
     print(f"mmca serve: {searcher.index.num_images} images, {len(searcher.index.captions)} captions; "
           f"http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

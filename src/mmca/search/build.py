@@ -106,6 +106,7 @@ def build_from_dataset(out: str | Path, checkpoint: str | Path, root: str | Path
     engine = ScoringEngine(model, "cpu")
     meta = _meta(ckpt, model, ds.spec, backbone, encoder, storage,
                  {"kind": "dataset", "root": str(Path(root).resolve()), "split": split, "limit": limit})
+    meta["gallery_roots"] = [str(Path(root).resolve())]
     bank = engine.image_bank(np.array(ds.image_features[:n], dtype=np.float32))
     states = ds.token_features
     sub = TokenFeatures(*_ragged_subset(states, cap))
@@ -154,6 +155,7 @@ def build_from_folder(out: str | Path, checkpoint: str | Path, folder: str | Pat
     _check_dims(model, backbone.describe()["dim"], encoder.dim, ckpt)
     engine = ScoringEngine(model, "cpu")
     meta = _meta(ckpt, model, found, backbone, encoder, storage, {"kind": "folder", "root": str(folder)})
+    meta["gallery_roots"] = [str(folder)]
     bank = engine.image_bank(_extract(backbone, paths, progress))
     names = [p.name for p in paths]
     texts, images = _read_captions(captions, names)
@@ -187,6 +189,7 @@ def add_to_index(index: str | Path, images: Sequence[str | Path], checkpoint: st
         raise CheckpointError(f"the text encoder differs from the one index {idx.path} was built with",
                               "use the same text encoder, or rebuild the index")
     paths: list[Path] = []
+    roots: list[Path] = []
     for p in images:
         p = Path(p).resolve()
         if p.is_dir():
@@ -195,6 +198,7 @@ def add_to_index(index: str | Path, images: Sequence[str | Path], checkpoint: st
             paths.append(p)
         else:
             raise DataError(f"image not found: {p}", "pass existing image files or folders")
+        roots.append(p)
     known = {p for p in idx.image_paths if p}
     paths = [p for p in paths if str(p) not in known]
     names = list(idx.image_names) + [p.name for p in paths]
@@ -207,6 +211,7 @@ def add_to_index(index: str | Path, images: Sequence[str | Path], checkpoint: st
     bank = engine.image_bank(_extract(backbone, paths, progress)) if paths else None
     tokens = _encode_captions(encoder, texts, progress)
     with IndexWriter(idx.path) as w:
+        w.add_gallery_roots(roots)
         if bank is not None:
             w.add_images(bank, [p.name for p in paths], [str(p) for p in paths])
         if tokens is not None:

@@ -193,6 +193,16 @@ class GalleryIndex:
     def checkpoint(self) -> dict[str, Any]:
         return self.meta["checkpoint"]
 
+    @property
+    def gallery_roots(self) -> list[Path]:
+        """The folders (or single files) the gallery's images were taken from, resolved at
+        build time: the only places an image is ever served from."""
+        roots = self.meta.get("gallery_roots")
+        if roots is None:  # indexes built before roots were recorded: the source folder
+            root = (self.meta.get("source") or {}).get("root")
+            roots = [root] if root else []
+        return [Path(r) for r in roots]
+
     def check_checkpoint(self, path: str | Path) -> dict[str, Any]:
         """Refuse a checkpoint other than the one the index was built with."""
         ident = checkpoint_identity(path)
@@ -367,6 +377,13 @@ class IndexWriter:
     def storage(self) -> str:
         (v,) = self.con.execute("SELECT value FROM meta WHERE key = 'storage'").fetchone()
         return json.loads(v)
+
+    def add_gallery_roots(self, roots: Sequence[Path]) -> None:
+        """Record more places images may be served from (in this writer's transaction)."""
+        row = self.con.execute("SELECT value FROM meta WHERE key = 'gallery_roots'").fetchone()
+        have = json.loads(row[0]) if row else []
+        merged = have + [str(r) for r in roots if str(r) not in have]
+        self.con.execute("INSERT OR REPLACE INTO meta VALUES ('gallery_roots', ?)", (json.dumps(merged),))
 
     def commit(self) -> Path:
         _fsync_dir(self.root / "shards")

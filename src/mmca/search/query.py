@@ -40,7 +40,10 @@ MAX_K = 100
 MIN_SIDE = 16  # pixels; smaller images carry nothing the backbone can use
 MAX_SIDE = 12000
 MAX_PIXELS = 50_000_000
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+IMAGE_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp",
+               "GIF": "image/gif"}
+IMAGE_FORMATS = tuple(IMAGE_TYPES)
+MAX_SERVED_BYTES = 64 * 1024 * 1024
 MAX_UPLOAD_BYTES = 16 * 1024 * 1024
 
 
@@ -268,11 +271,36 @@ class Searcher:
         return image_id
 
     def image_path(self, image_id: Any) -> Path:
+        """The real path of a gallery image: resolved (symlinks followed), a regular file, and
+        inside one of the gallery roots recorded at build time; anything else is refused."""
         image_id = self.check_image_id(image_id)
         p = self.index.image_paths[image_id]
-        if p is None or not Path(p).is_file():
+        try:
+            real = Path(p).resolve(strict=True) if p is not None else None
+        except (OSError, RuntimeError):
+            real = None
+        if real is None or not real.is_file():
             raise QueryError(f"the file of image {image_id} is not available", status=404)
-        return Path(p)
+        if not any(real == root or root in real.parents for root in self.index.gallery_roots):
+            raise QueryError(f"image {image_id} lies outside the gallery; it is not served", status=403)
+        return real
+
+    def image_file(self, image_id: Any) -> tuple[bytes, str]:
+        """The bytes of a gallery image and its content type, decided by decoding the file
+        (never by its name): a file that is not an image of a known format is refused."""
+        path = self.image_path(image_id)
+        if path.stat().st_size > MAX_SERVED_BYTES:
+            raise QueryError(f"image {image_id} is larger than {MAX_SERVED_BYTES} bytes; it is not served", status=403)
+        data = path.read_bytes()
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = im.format
+        except (OSError, ValueError, Image.DecompressionBombError):
+            fmt = None
+        if fmt not in IMAGE_TYPES:
+            raise QueryError(f"the file of image {image_id} is not an image ({', '.join(IMAGE_TYPES)} expected)",
+                             status=415)
+        return data, IMAGE_TYPES[fmt]
 
     # ---- heat map ----------------------------------------------------------------------
     @torch.no_grad()
@@ -297,7 +325,11 @@ class Searcher:
         return ImageBank(**self.index.image_rows(ids))
 
     def info(self) -> dict[str, Any]:
+        """What the page shows about the index: counts and identities, no absolute paths (a
+        page must not learn where the user's files live)."""
         d = self.index.describe()
+        d["path"] = Path(d["path"]).name
+        d["checkpoint"] = {"name": Path(d["checkpoint"]["path"]).name, "sha256": d["checkpoint"]["sha256"]}
         d.update({"resident": self.resident, "max_query_chars": MAX_QUERY_CHARS, "max_k": MAX_K,
                   "max_upload_bytes": MAX_UPLOAD_BYTES})
         return d

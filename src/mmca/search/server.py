@@ -2,18 +2,26 @@
 
 Every bad input is a 4xx with a JSON body `{"error": ..., "hint": ...}`; the model work runs in
 a worker thread so the event loop keeps answering while a query computes.
+
+A server on localhost is reachable from any web page the user visits, so it defends itself:
+requests must name a local `Host` (DNS rebinding) and, when a browser says where they come
+from (`Origin`, `Sec-Fetch-Site`), come from the page itself; POST bodies must be declared
+`application/json` (a cross-site form can only send text/plain, urlencoded or multipart, and
+the upload endpoint checks the origin); every response carries `nosniff` and a strict
+Content-Security-Policy; images are served by id only, from the gallery roots, with the
+content type of the decoded file.
 """
 
 from __future__ import annotations
 
 import json
-import mimetypes
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -22,6 +30,22 @@ from mmca.search.query import MAX_UPLOAD_BYTES, QueryError, Searcher
 
 MAX_JSON_BYTES = 64 * 1024
 STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
+                               "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+
+def _host_name(value: str) -> str:
+    """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:8000' -> '::1' (lower case)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else ""
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
 def _error(status: int, message: str, hint: str | None = None) -> JSONResponse:
@@ -41,13 +65,47 @@ async def _json_body(request: Request) -> dict[str, Any]:
         body += chunk
         if len(body) > MAX_JSON_BYTES:
             raise QueryError(f"the request body is larger than {MAX_JSON_BYTES} bytes", status=413)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise QueryError("the request body must be sent as application/json", status=415)
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise QueryError("the request body is not valid JSON", 'send e.g. {"query": "a dog", "k": 10}') from err
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise QueryError("the request body is not valid JSON (or nests too deeply)",
+                         'send e.g. {"query": "a dog", "k": 10}') from err
     if not isinstance(data, dict):
         raise QueryError("the request body must be a JSON object")
     return data
+
+
+def _same_origin(request: Request, allowed: set[str], open_binding: bool) -> bool:
+    """False when the browser says the request comes from another site."""
+    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True  # not a browser's cross-origin request (curl, the tests)
+    if origin == "null":
+        return False
+    if open_binding:
+        return _host_name(urlsplit(origin).netloc) == _host_name(request.headers.get("host", ""))
+    return _host_name(urlsplit(origin).netloc) in allowed
+
+
+def _bounded(request: Request, limit: int) -> Request:
+    """The request with a body that stops being read past `limit` bytes (chunked or not)."""
+    received = 0
+
+    async def receive():
+        nonlocal received
+        message = await request.receive()
+        if message.get("type") == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise QueryError(f"the upload is larger than {MAX_UPLOAD_BYTES} bytes", status=413)
+        return message
+
+    return Request(request.scope, receive)
 
 
 def _stats(stats) -> dict[str, Any]:
@@ -55,9 +113,26 @@ def _stats(stats) -> dict[str, Any]:
             **{k: round(v, 2) for k, v in stats.extra.items()}}
 
 
-def create_app(searcher: Searcher) -> FastAPI:
+def create_app(searcher: Searcher, host: str = "127.0.0.1") -> FastAPI:
+    """`host`: the address the server binds to. On a loopback address only local Host names
+    are accepted; bound elsewhere (the user chose to expose it), that address is accepted too."""
     app = FastAPI(title="mmca search", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.searcher = searcher
+    allowed = set(LOCAL_HOSTS) | ({host.lower()} if host not in ("0.0.0.0", "::") else set())
+    open_binding = host in ("0.0.0.0", "::")
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        name = _host_name(request.headers.get("host", ""))
+        if not open_binding and name not in allowed:
+            response = _error(421, f"this server answers to {', '.join(sorted(allowed))} only, not {name!r}",
+                              "open the page at http://127.0.0.1:PORT/")
+        elif request.method not in ("GET", "HEAD") and not _same_origin(request, allowed, open_binding):
+            response = _error(403, "cross-site requests are refused", "use the page served by mmca itself")
+        else:
+            response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
 
     @app.exception_handler(QueryError)
     async def _query_error(request: Request, err: QueryError):
@@ -118,7 +193,9 @@ def create_app(searcher: Searcher) -> FastAPI:
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise QueryError("send the image as multipart/form-data with a field named 'file'", status=415)
         try:
-            form = await request.form(max_files=1, max_fields=4)
+            form = await _bounded(request, MAX_UPLOAD_BYTES + 65536).form(max_files=1, max_fields=4)
+        except QueryError:
+            raise
         except Exception as err:  # malformed multipart
             raise QueryError(f"cannot read the upload: {err}") from err
         try:
@@ -136,7 +213,8 @@ def create_app(searcher: Searcher) -> FastAPI:
 
     @app.get("/api/gallery")
     async def gallery(offset: str = "0", limit: str = "60"):
-        if not offset.isdigit() or not limit.isdigit() or not 1 <= int(limit) <= 500:
+        if not (offset.isdigit() and limit.isdigit() and len(offset) <= 12 and len(limit) <= 4) \
+                or not 1 <= int(limit) <= 500:
             raise QueryError("offset must be >= 0 and limit between 1 and 500")
         a = int(offset)
         b = min(searcher.index.num_images, a + int(limit))
@@ -148,8 +226,7 @@ def create_app(searcher: Searcher) -> FastAPI:
     async def image(image_id: str):
         if not image_id.isdigit() or len(image_id) > 12:
             raise QueryError(f"no image {image_id!r} in this gallery (images are served by numeric id)", status=404)
-        path = searcher.image_path(int(image_id))
-        media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=media, headers={"Cache-Control": "max-age=3600"})
+        data, media = await run_in_threadpool(searcher.image_file, int(image_id))
+        return Response(data, media_type=media, headers={"Cache-Control": "max-age=3600"})
 
     return app
