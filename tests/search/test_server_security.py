@@ -87,7 +87,7 @@ def test_foreign_hosts_and_cross_site_requests_are_refused(hostile):
                                                       "sec-fetch-site": "cross-site"})
     assert r.status_code == 403
     ok = c.post("/api/search", content=body, headers={"content-type": "application/json", "origin": LOCAL})
-    assert ok.status_code == 409 and "caption" in ok.json()["error"]  # read whole; this index has no captions
+    assert ok.status_code == 200
 
 
 def test_info_shows_no_absolute_paths(hostile):
