@@ -97,3 +97,25 @@ def test_index_captions_bom_latin1_and_unknown_names(tmp_path):
     tsv.write_bytes("a.jpg\tun caf\xe9\n".encode("latin-1"))
     with pytest.raises(DataError, match="(?s)not UTF-8.*iconv"):
         _read_captions(tsv, ["a.jpg"])
+
+
+def test_images_are_checked_by_content_and_size_everywhere(tmp_path):
+    from PIL import Image
+
+    from mmca.errors import DataError
+    from mmca.features.backbone import load_image
+    from mmca.search.build import require_images
+
+    fake = tmp_path / "photo.jpg"
+    fake.write_text("<html><script>alert(1)</script></html>")
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (1, 1)).save(tiny)
+    real = tmp_path / "named.html"
+    Image.new("RGB", (32, 32)).save(real, "PNG")
+    require_images([real])  # a PNG is an image whatever its name
+    with pytest.raises(DataError, match="not an image"):
+        require_images([real, fake])
+    with pytest.raises(DataError, match="1x1 pixels; at least 16x16"):
+        require_images([tiny])
+    with pytest.raises(DataError, match="1x1 pixels; at least 16x16"):
+        load_image(tiny)  # the rule `prepare` applies to dataset photos

@@ -257,10 +257,18 @@ def _load_features(path: Path) -> np.ndarray:
             hint=f"a precomp split needs its region features in {path.name} (N x k x D_img), next to "
             f"{path.name.removesuffix(_IMS)}{_CAPS}",
         )
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic != b"\x93NUMPY":
+        raise DataError(f"{path} is not a .npy file (it lacks numpy's header)",
+                        hint="save the region features with numpy.save as an N x k x D_img float array")
     try:
         rows = np.load(path, mmap_mode="r")
     except (ValueError, OSError) as exc:
-        raise DataError(f"{path}: not a readable .npy array ({exc})", hint="save it with numpy.save") from None
+        # numpy's message may suggest allow_pickle=True: never repeat unsafe advice
+        reason = "it holds Python objects, which are never unpickled" if "pickle" in str(exc) else str(exc)
+        raise DataError(f"{path}: not a readable .npy array ({reason})",
+                        hint="save a plain float array with numpy.save") from None
     if rows.ndim != 3:
         raise DataError(
             f"{path}: features have shape {rows.shape} ({rows.ndim}-D), expected N x k x D_img "

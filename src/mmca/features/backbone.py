@@ -29,6 +29,7 @@ from mmca.errors import DataError
 # 2019, "FixRes"). Measured on Flickr8k dev (α = 0 model): 288 px +9 rsum over 224, 352 px
 # +16 (docs/results.md); larger sizes were not tried.
 IMAGE_SIZE = 352
+MIN_SIDE = 16  # pixels
 FEATURE_DIM = 1280
 GRIDS = (6, 7)
 M = TypeVar("M", bound=nn.Module)
@@ -139,7 +140,12 @@ def _sha256(path: Path) -> str:
 
 def fit_photo(im: Image.Image) -> np.ndarray:
     """A decoded photo as the network's input: RGB (grayscale, RGBA and palette convert),
-    squashed to IMAGE_SIZE x IMAGE_SIZE (no crop: no part of the photo is lost), bicubic."""
+    squashed to IMAGE_SIZE x IMAGE_SIZE (no crop: no part of the photo is lost), bicubic.
+    Photos smaller than MIN_SIDE a side are refused (the same rule for datasets, indexes and
+    queries): blown up 20x or more they carry nothing the backbone can use."""
+    if min(im.size) < MIN_SIDE:
+        raise DataError(f"the image is {im.size[0]}x{im.size[1]} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed",
+                        "use a real photo (or remove this one from the split and captions.tsv)")
     im = im.convert("RGB")
     if im.size != (IMAGE_SIZE, IMAGE_SIZE):
         im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
@@ -155,10 +161,12 @@ def load_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return fit_photo(im)
+    except DataError as err:
+        raise DataError(f"{path}: {err.message}", err.hint) from err
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(
             f"cannot read image {path}: {err}",
-            "replace the file with a valid image, or remove it from the split list and captions.tsv",
+            "replace the file with a valid image (in a dataset: or remove it from its split list and captions.tsv)",
         ) from err
 
 

@@ -78,6 +78,28 @@ def _read_captions(path: Path | None, names: Sequence[str]) -> tuple[list[str], 
     return texts, images
 
 
+def require_images(paths: Sequence[Path]) -> None:
+    """Every file must be an image by its content (not its name), of a size the backbone can
+    use: checked from the headers before any feature is computed."""
+    from PIL import Image
+
+    from mmca.features.backbone import MIN_SIDE
+    from mmca.search.query import IMAGE_FORMATS
+
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                fmt, size = im.format, im.size
+        except (OSError, ValueError, Image.DecompressionBombError):
+            fmt, size = None, (0, 0)
+        if fmt not in IMAGE_FORMATS:
+            raise DataError(f"{path} is not an image ({', '.join(IMAGE_FORMATS)} expected, by content)",
+                            "pass image files only")
+        if min(size) < MIN_SIDE:
+            raise DataError(f"{path} is {size[0]}x{size[1]} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed",
+                            "pass real photos")
+
+
 def _encode_captions(encoder, texts: list[str], progress: bool) -> TokenFeatures | None:
     return encoder.encode(texts, progress=progress) if texts else None
 
@@ -149,6 +171,7 @@ def build_from_folder(out: str | Path, checkpoint: str | Path, folder: str | Pat
     paths = list_images(folder)
     if captions is None and (folder / "captions.tsv").is_file():
         captions = folder / "captions.tsv"
+    require_images(paths)
     backbone, encoder = ImageBackbone(opts["grid"]), TextEncoder(opts["text_encoder"], opts["max_tokens"])
     found = FeatureSpec.from_extractors(backbone, encoder)
     spec.require_match(found, f"checkpoint {ckpt}", f"the backbone and text encoder for {folder}")
@@ -201,6 +224,7 @@ def add_to_index(index: str | Path, images: Sequence[str | Path], checkpoint: st
         roots.append(p)
     known = {p for p in idx.image_paths if p}
     paths = [p for p in paths if str(p) not in known]
+    require_images(paths)
     names = list(idx.image_names) + [p.name for p in paths]
     texts, cap_images = _read_captions(Path(captions) if captions else None, names)
     # captions of already indexed images are kept only if new: skip exact duplicates

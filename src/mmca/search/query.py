@@ -32,12 +32,11 @@ from PIL import Image
 from mmca.checkpoint import load_model
 from mmca.engine import ImageBank, ScoringEngine
 from mmca.errors import CheckpointError, DataError, MmcaError
-from mmca.features.backbone import IMAGE_SIZE, fit_photo
+from mmca.features.backbone import IMAGE_SIZE, MIN_SIDE, fit_photo
 from mmca.search.index import GalleryIndex, backbone_identity, text_encoder_identity
 
 MAX_QUERY_CHARS = 1000
 MAX_K = 100
-MIN_SIDE = 16  # pixels; smaller images carry nothing the backbone can use
 MAX_SIDE = 12000
 MAX_PIXELS = 50_000_000
 IMAGE_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp",
