@@ -58,7 +58,7 @@ def _static(name: str) -> bytes:
 
 async def _json_body(request: Request) -> dict[str, Any]:
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_JSON_BYTES):
+    if length is not None and (not _is_number(length, 12) or int(length) > MAX_JSON_BYTES):
         raise QueryError(f"the request body is larger than {MAX_JSON_BYTES} bytes", status=413)
     body = b""
     async for chunk in request.stream():
@@ -76,6 +76,11 @@ async def _json_body(request: Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise QueryError("the request body must be a JSON object")
     return data
+
+
+def _is_number(text: str, digits: int) -> bool:
+    """ASCII digits only (str.isdigit also accepts '²' and other digits int() refuses), at most `digits`."""
+    return 0 < len(text) <= digits and text.isascii() and text.isdigit()
 
 
 def _same_origin(request: Request, allowed: set[str], open_binding: bool) -> bool:
@@ -188,7 +193,7 @@ def create_app(searcher: Searcher, host: str = "127.0.0.1") -> FastAPI:
     @app.post("/api/search_image")
     async def search_image(request: Request):
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_UPLOAD_BYTES + 65536):
+        if length is not None and (not _is_number(length, 12) or int(length) > MAX_UPLOAD_BYTES + 65536):
             raise QueryError(f"the upload is larger than {MAX_UPLOAD_BYTES} bytes", status=413)
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise QueryError("send the image as multipart/form-data with a field named 'file'", status=415)
@@ -204,7 +209,7 @@ def create_app(searcher: Searcher, host: str = "127.0.0.1") -> FastAPI:
                 raise QueryError("no file in the upload (field 'file')")
             data = await upload.read(MAX_UPLOAD_BYTES + 1)
             k_raw = form.get("k", "10")
-            if not isinstance(k_raw, str) or not k_raw.strip().isdigit():
+            if not isinstance(k_raw, str) or not _is_number(k_raw.strip(), 3):
                 raise QueryError("k must be an integer")
             results, stats = await run_in_threadpool(searcher.search_image_bytes, data, int(k_raw))
         finally:
@@ -213,8 +218,7 @@ def create_app(searcher: Searcher, host: str = "127.0.0.1") -> FastAPI:
 
     @app.get("/api/gallery")
     async def gallery(offset: str = "0", limit: str = "60"):
-        if not (offset.isdigit() and limit.isdigit() and len(offset) <= 12 and len(limit) <= 4) \
-                or not 1 <= int(limit) <= 500:
+        if not (_is_number(offset, 12) and _is_number(limit, 4)) or not 1 <= int(limit) <= 500:
             raise QueryError("offset must be >= 0 and limit between 1 and 500")
         a = int(offset)
         b = min(searcher.index.num_images, a + int(limit))
@@ -224,7 +228,7 @@ def create_app(searcher: Searcher, host: str = "127.0.0.1") -> FastAPI:
 
     @app.get("/api/image/{image_id}")
     async def image(image_id: str):
-        if not image_id.isdigit() or len(image_id) > 12:
+        if not _is_number(image_id, 12):
             raise QueryError(f"no image {image_id!r} in this gallery (images are served by numeric id)", status=404)
         data, media = await run_in_threadpool(searcher.image_file, int(image_id))
         return Response(data, media_type=media, headers={"Cache-Control": "max-age=3600"})
