@@ -223,3 +223,28 @@ def test_a_staged_run_branched_from_its_ablation_equals_one_that_trained_the_pre
     assert summary["best_epoch"]["epoch"] == 3
     with pytest.raises(MmcaError, match="another configuration"):  # a prefix of another recipe
         train_tiny(tmp_path / "wrong", staged.replace(seed=5), branch_from=branch)
+
+
+def test_resume_says_which_options_differ_and_keeps_its_mining_precision(tmp_path):
+    trainer, _ = train_tiny(tmp_path, TINY.replace(epochs=1))
+    with pytest.raises(MmcaError, match=r"another configuration .*epochs: 1 vs 2"):
+        train_tiny(tmp_path, TINY.replace(epochs=2), resume=True)
+    assert read_checkpoint(tmp_path / "last.pt")["mining_precision"] == trainer.mining.precision
+
+
+def test_impossible_or_stale_runs_are_refused_before_training(tmp_path):
+    from mmca.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no epoch would train the full model"):
+        TINY.replace(epochs=2, cross_from_epoch=2)
+    TINY.replace(epochs=2, cross_from_epoch=2, model_alpha=0.0)  # the ablation: every epoch counts
+    train_tiny(tmp_path, TINY.replace(epochs=1))
+    (tmp_path / "last.pt").unlink()
+    with pytest.raises(MmcaError, match="best.pt but no last.pt"):
+        train_tiny(tmp_path, TINY.replace(epochs=1))
+
+
+def test_an_ablation_with_a_staged_schedule_keeps_its_best_epoch(tmp_path):
+    _, summary = train_tiny(tmp_path, TINY.replace(epochs=2, cross_from_epoch=1, model_alpha=0.0))
+    best = max(summary["history"], key=lambda r: r["rsum"])
+    assert summary["best_epoch"]["epoch"] == best["epoch"]

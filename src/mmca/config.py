@@ -109,6 +109,9 @@ class TrainConfig:
              f"val_max_rank={self.val_max_rank} must be >= 10 (R@10 needs exact ranks below 10) or None"),
             (self.save_every_steps >= 1, f"save_every_steps={self.save_every_steps} must be >= 1"),
             (self.cross_from_epoch >= 0, f"cross_from_epoch={self.cross_from_epoch} must be >= 0"),
+            (not self.model.alpha or self.cross_from_epoch < self.epochs,
+             f"cross_from_epoch={self.cross_from_epoch} with epochs={self.epochs}: no epoch would train the "
+             "full model (and there would be no best.pt); train more epochs than --cross-from-epoch"),
         ]
         for ok, message in checks:
             if not ok:
@@ -128,6 +131,13 @@ class TrainConfig:
         kw["lr_decay_epochs"] = tuple(kw.get("lr_decay_epochs", ()))
         return cls(**kw)
 
+    def differences(self, other: "TrainConfig") -> list[str]:
+        """'epochs: 8 vs 6'-style lines for each field that differs (model fields as model.NAME)."""
+        a, b = self.to_dict(), other.to_dict()
+        out = [f"model.{k}: {a['model'][k]!r} vs {b['model'].get(k)!r}" for k in a["model"]
+               if a["model"][k] != b["model"].get(k)]
+        return out + [f"{k}: {a[k]!r} vs {b.get(k)!r}" for k in a if k != "model" and a[k] != b.get(k)]
+
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with some fields changed; model fields may be given as `model_<name>`."""
         model_changes = {k[6:]: changes.pop(k) for k in list(changes) if k.startswith("model_")}
@@ -140,7 +150,10 @@ class TrainConfig:
 # `paper` is the paper's recipe for GPUs and bottom-up features; `cpu` and `sample` are for the
 # Flickr8k sample on a 2-core laptop (docs/results.md says what each changes and why).
 PRESETS: dict[str, TrainConfig] = {
-    "paper": TrainConfig(epochs=20, lr=2e-4, lr_decay_epochs=(10,), grad_clip=None),
+    # fp32 mining, measured: a full model trained from scratch has nearly tied scores early on, so
+    # bf16 mining recomputes nearly all B² pairs within its tie tolerance (6 s a step, fp32 1.5 s;
+    # docs/results.md "Collapse"). The staged cpu presets mine a trained i0·c0: "auto" there.
+    "paper": TrainConfig(epochs=20, lr=2e-4, lr_decay_epochs=(10,), grad_clip=None, mining_precision="fp32"),
     "cpu": TrainConfig(epochs=8, lr=2e-4, lr_decay_epochs=(4,), warmup_epochs=1, cross_from_epoch=4,
                        cross_lr_scale=10.0, mirror_images=True),
     "sample": TrainConfig(epochs=6, lr=2e-4, lr_decay_epochs=(4,), warmup_epochs=1, cross_from_epoch=4,

@@ -25,7 +25,7 @@ from mmca.checkpoint import checkpoint_spec, read_checkpoint, save_checkpoint
 from mmca.config import TrainConfig
 from mmca.data.dataset import RetrievalDataset
 from mmca.engine import mined_loss
-from mmca.engine.precision import resolve_precision
+from mmca.engine.precision import PrecisionChoice, resolve_precision
 from mmca.errors import MmcaError
 from mmca.evaluate import evaluate
 from mmca.io import atomic_write_text
@@ -108,6 +108,9 @@ class Trainer:
         self.model = MMCA(self.config.model).to(self.device)
         self.optimizer = build_optimizer(self.model, self.config)
         self.state = TrainState()
+        if self.best_path.exists() and not self.last_path.exists():
+            raise MmcaError(f"{self.out_dir} holds a best.pt but no last.pt (a run whose state was removed)",
+                            "choose another --out directory, or move that best.pt away")
         if self.last_path.exists():
             if not resume:
                 raise MmcaError(f"{self.out_dir} already holds a run (last.pt)",
@@ -139,13 +142,19 @@ class Trainer:
     def _restore(self, path: Path | None = None, expected: TrainConfig | None = None) -> None:
         path = path or self.last_path
         payload = read_checkpoint(path)
-        saved = TrainConfig.from_dict(payload["train_config"])
-        if saved != (expected or self.config):
-            raise MmcaError(f"{path} was trained with another configuration",
-                            "resume with the same preset and options, or start a new --out directory")
         checkpoint_spec(payload, path).require_match(
             self.spec, str(path), f"the {self.train_set.split} split",
             "resume with the features the run started with (same --grid and --text-encoder)")
+        saved = TrainConfig.from_dict(payload["train_config"])
+        if saved != (expected or self.config):
+            raise MmcaError(f"{path} was trained with another configuration ({path.name} first): "
+                            + "; ".join(saved.differences(expected or self.config)),
+                            "resume with the same preset and options (a preset changed by an mmca upgrade "
+                            "counts too), or start a new --out directory")
+        if payload.get("mining_precision") not in (None, self.mining.precision):
+            self.log(f"mining in {payload['mining_precision']} as the run did so far (this device's "
+                     f"auto choice would be {self.mining.precision})")
+            self.mining = PrecisionChoice(payload["mining_precision"], "as the resumed run chose")
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["rng"])
@@ -170,6 +179,7 @@ class Trainer:
     def _save_last(self) -> None:
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         save_checkpoint(self.last_path, self.model, self.spec, train_config=self.config.to_dict(),
+                        mining_precision=self.mining.precision,
                         optimizer=self.optimizer.state_dict(), rng=torch.get_rng_state(), cuda_rng=cuda_rng,
                         state=json.dumps(self.state.__dict__))
 
@@ -270,8 +280,8 @@ class Trainer:
             self.log(f"epoch {row['epoch']}/{cfg.epochs} [{kind}] loss {loss:.4f} | dev "
                      f"i2t R@1 {m['i2t_r1']:.1f} t2i R@1 {m['t2i_r1']:.1f} rsum {m['rsum']:.1f} | "
                      f"train {train_s:.0f}s val {result.seconds:.0f}s")
-            # best.pt holds the full model: the α = 0 stage's epochs are not candidates
-            if m["rsum"] > st.best_rsum and self.model.cross_enabled:
+            # best.pt holds the full model: a staged run's α = 0 epochs are not candidates
+            if m["rsum"] > st.best_rsum and (self.model.cross_enabled or not cfg.model.alpha):
                 st.best_rsum = m["rsum"]
                 save_checkpoint(self.best_path, self.model, self.spec, train_config=cfg.to_dict(),
                                 epoch=row["epoch"], metrics=m)
@@ -286,7 +296,7 @@ class Trainer:
         if not self.best_path.exists():
             return None
         epoch = read_checkpoint(self.best_path)["epoch"]
-        return next(r for r in self.state.history if r["epoch"] == epoch)
+        return next((r for r in self.state.history if r["epoch"] == epoch), None)
 
     def _write_log(self) -> None:
         rows = io.StringIO()

@@ -132,3 +132,28 @@ def test_a_text_encoder_of_another_width_is_refused(spec6, tmp_path):
     with pytest.raises(CheckpointError, match="text dim: 384 vs 768"):
         spec6.require_match(other, "the checkpoint", "the dataset")
     assert TextEncoder().dim == 384
+
+
+def test_contradictions_are_refused_before_any_feature_is_computed(make_dataset, spec6, tmp_path, capsys,
+                                                                    monkeypatch):
+    import mmca.features.prepare as prepare
+
+    root = make_dataset(4)
+    monkeypatch.setattr(prepare, "prepare_split", lambda *a, **k: pytest.fail("features were computed"))
+    other = replace(spec6, text=replace(spec6.text, config_sha256="0" * 64))  # e.g. trained with BERT-base
+    ckpt = save_checkpoint(tmp_path / "bert.pt", small_model(), other)
+    assert cli("evaluate", root, "--checkpoint", ckpt, "--cache", tmp_path / "cache") == 2
+    err = capsys.readouterr().err
+    assert "text encoder" in err and "config_sha256" in err and "--text-encoder" in err
+    precomp = save_checkpoint(tmp_path / "precomp.pt", small_model(),
+                              replace(spec6, image=replace(spec6.image, source="precomp", grid=None,
+                                                           image_size=None, weights_sha256=None)))
+    assert cli("evaluate", root, "--checkpoint", precomp, "--cache", tmp_path / "cache") == 2
+    assert "holds photos" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli("prepare", root, "--max-tokens", "0")
+
+
+def test_index_add_refuses_feature_flags(tmp_path, capsys):
+    assert cli("index", "--index", tmp_path, "--add", tmp_path, "--grid", "7") == 2
+    assert "--add uses the index's own features" in capsys.readouterr().err

@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     source = read_split(args.dataset, args.split, captions_per_image=cpi)
     check_protocol(protocol, source.caption_image, source.num_images, source.captions_per_image,
                    f"{source.root}, split {args.split!r}")
+    spec.require_source(source.image_features is not None, f"{source.root}, split {args.split!r}")
     dataset = open_dataset(args.dataset, args.split, cache_dir=args.cache, captions_per_image=cpi,
                            source=source, **feature_options(args, spec))
 

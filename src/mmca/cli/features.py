@@ -1,5 +1,6 @@
 """The feature flags shared by the commands that compute features (--grid, --text-encoder,
---max-tokens), and how a command that has a checkpoint adopts the checkpoint's feature spec."""
+--max-tokens), how a command that has a checkpoint adopts the checkpoint's feature spec, and
+the argument types they share."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def add_feature_arguments(p: argparse.ArgumentParser, adopts: bool = False) -> N
     p.add_argument("--text-encoder", type=Path, metavar="DIR",
                    help="a local BERT-family model directory, e.g. BERT-base "
                         f"(default: {default or 'all-MiniLM-L6-v2, shipped offline'})")
-    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+    p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N",
                    help=f"token limit per caption, [CLS] and [SEP] included (default: {default or DEFAULT_MAX_TOKENS})")
 
 
@@ -40,8 +41,8 @@ def feature_options(args: argparse.Namespace, spec: FeatureSpec | None = None) -
     """grid / text_encoder / max_tokens for `open_dataset`: those of a checkpoint's feature
     spec when there is one (explicit flags must agree with it), else the flags or their defaults."""
     if spec is None:
-        return {"grid": args.grid or DEFAULT_GRID, "text_encoder": args.text_encoder,
-                "max_tokens": args.max_tokens or DEFAULT_MAX_TOKENS}
+        return {"grid": DEFAULT_GRID if args.grid is None else args.grid, "text_encoder": args.text_encoder,
+                "max_tokens": DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens}
     return extraction_options(spec, args.grid, args.text_encoder, args.max_tokens)
 
 

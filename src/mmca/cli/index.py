@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="captions: a TSV `filename<TAB>caption`, or plain lines (a caption set of no image)")
     p.add_argument("--index", type=Path, metavar="DIR", help="existing index (with --add)")
     p.add_argument("--add", nargs="*", type=Path, metavar="PATH", help="image files or folders to append to --index")
-    p.add_argument("--storage", default="fp16", choices=["fp16", "fp32"], help="tensor storage (default: fp16)")
+    p.add_argument("--storage", default=None, choices=["fp16", "fp32"], help="tensor storage (default: fp16)")
     add_feature_arguments(p, adopts=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out index")
     p.add_argument("--json", action="store_true", help="print the index summary as JSON")
@@ -55,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
             raise MmcaError("--add needs --index DIR (the index to append to)")
         if not args.add and args.captions is None:
             raise MmcaError("--add needs image files/folders, or --captions FILE")
+        given = [f for f in ("grid", "text_encoder", "max_tokens", "storage") if getattr(args, f) is not None]
+        if given:
+            raise MmcaError(f"--add uses the index's own features and storage; {', '.join('--' + f.replace('_', '-') for f in given)} "
+                            "cannot change them", "leave these flags out, or build a new index")
         n_img, n_cap = add_to_index(args.index, args.add, args.checkpoint, args.captions)
         summary = GalleryIndex(args.index).describe()
         summary.update({"added_images": n_img, "added_captions": n_cap})
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         if args.out is None or args.checkpoint is None:
             raise MmcaError("building an index needs --out DIR and --checkpoint CKPT",
                             "or pass --index DIR --add PATH... to append to an existing one")
-        common = dict(storage=args.storage, grid=args.grid, text_encoder=args.text_encoder,
+        common = dict(storage=args.storage or "fp16", grid=args.grid, text_encoder=args.text_encoder,
                       max_tokens=args.max_tokens, overwrite=args.overwrite)
         if args.dataset is not None:
             if args.captions is not None:

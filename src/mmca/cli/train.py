@@ -92,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
     changes = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
     config = preset(args.preset).replace(**changes)
     check_run_dir(args.out)  # before any feature is computed
-    features = feature_options(args, checkpoint_feature_spec(args.init_from) if args.init_from else None)
+    # a resumed run, or one initialised from a checkpoint, adopts that checkpoint's features
+    adopted = args.out / "last.pt" if args.resume and (args.out / "last.pt").is_file() else args.init_from
+    features = feature_options(args, checkpoint_feature_spec(adopted) if adopted else None)
     common = dict(cache_dir=args.cache, captions_per_image=args.captions_per_image,
                   progress=not args.no_progress, **features)
     train_set = open_dataset(args.dataset, args.train_split, mirror=config.mirror_images, **common)
@@ -101,10 +103,8 @@ def run(args: argparse.Namespace) -> int:
                       init_from=args.init_from, progress=not args.no_progress)
     summary = trainer.run()
     best = summary["best_epoch"]
-    if best is None:
-        raise MmcaError(f"no epoch of this run trained the full model (--epochs {config.epochs}, "
-                        f"--cross-from-epoch {config.cross_from_epoch}), so there is no best.pt",
-                        "train for more epochs than --cross-from-epoch (the last.pt state can be resumed)")
+    if best is None:  # TrainConfig guarantees a candidate epoch; this is a damaged run directory
+        raise MmcaError(f"{args.out} holds no best.pt matching its log", "start the run in a new --out directory")
     print(f"\nbest epoch {best['epoch']} of {config.epochs} (features: {trainer.spec.describe()}): {summary['best']}")
     name = "MMCA" if config.model.alpha else "α = 0 (S = i0·c0)"
     print(format_table({f"{name} ({args.val_split}, epoch {best['epoch']})": best}))

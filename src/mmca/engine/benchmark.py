@@ -406,9 +406,12 @@ def run(args) -> int:
                                                          d=args.d, heads=args.heads), args, log)
     if "c" in args.only:
         rank_model, spec = model, None
-        if args.checkpoint:
+        if args.checkpoint and args.dataset:
             from mmca.checkpoint import load_model_and_spec
             rank_model, spec, _ = load_model_and_spec(args.checkpoint, device=args.device)
+        elif args.checkpoint:  # random features: the spec does not matter
+            from mmca.checkpoint import load_model
+            rank_model, _ = load_model(args.checkpoint, device=args.device)
         results["ranks"] = bench_ranks(rank_model, args, log, spec)
     if "d" in args.only and not args.skip_big:
         results["memory"] = bench_memory(args, log)

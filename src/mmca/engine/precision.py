@@ -83,7 +83,7 @@ def native_bf16(device: str | torch.device = "cpu") -> tuple[bool | None, str]:
         name = torch.cuda.get_device_name(dev)
         return major >= 8, f"{name} (compute capability {major}.{minor}; bf16 units from 8.0)"
     if dev.type != "cpu":
-        return None, f"{dev.type} device"
+        return False, f"{dev.type} device (no bf16 decision for it: fp32)"
     capability = torch.backends.cpu.get_cpu_capability()
     flags = cpu_flags()
     if flags is None:

@@ -39,6 +39,14 @@ def require_finite(x: torch.Tensor, what: str, item: str | None = None, offset: 
                          "(a diverged run: resume from an earlier last.pt with a lower learning rate)")
 
 
+def require_finite_weights(model) -> None:
+    """Every parameter finite (one device sync for all of them), else name the first bad one."""
+    params = [(n, p.detach()) for n, p in model.named_parameters()]
+    if params and not bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+        name, p = next((n, p) for n, p in params if not bool(torch.isfinite(p).all()))
+        require_finite(p, f"the model's weights ({name})")
+
+
 @contextmanager
 def full_fp32():
     """Float32 matrix products at full precision for the duration, whatever the global setting:
@@ -79,13 +87,15 @@ class ScoringEngine:
     `block_pairs` bounds the pairs scored at once (memory ~ block_pairs x (k + L) x d floats);
     every block is padded to exactly `block_pairs` pairs, so a pair is always computed with the
     same shapes (kernels chosen by matrix size cannot change its float); `length_granule` sets
-    the caption length buckets. `pair_budget` bounds
-    the candidate pairs the exact rank passes hold at once (their masks, index vectors and
-    candidate lists, ~50 bytes a pair), whatever the gallery size.
+    the caption length buckets. `pair_budget` bounds the candidate pairs the exact rank passes
+    hold at once (their masks, index vectors and candidate lists, ~50 bytes a pair; the capped
+    mode's score cache too), whatever the gallery size. `check_weights` refuses a model with
+    NaN/Inf weights (training's mining engine skips it: the trainer checks every gradient).
     """
 
     def __init__(self, model, device=None, precision: str = "fp32", block_pairs: int = 64,
-                 length_granule: int = 4, storage: str | None = None, pair_budget: int = 1 << 21):
+                 length_granule: int = 4, storage: str | None = None, pair_budget: int = 1 << 21,
+                 check_weights: bool = True):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
         if storage is not None and storage not in STORAGE:
@@ -99,8 +109,8 @@ class ScoringEngine:
         self.block_pairs = max(1, int(block_pairs))
         self.length_granule = max(1, int(length_granule))
         self.pair_budget = max(1, int(pair_budget))
-        for name, p in self.model.named_parameters():
-            require_finite(p.detach(), f"the model's weights ({name})")
+        if check_weights:
+            require_finite_weights(self.model)
         self.weights = CrossWeights(self.model, self.dtype)
         self.alpha = abs(float(model.alpha))  # ModelConfig refuses α < 0; the bound needs |α|
         # |S - i0·c0| <= alpha * |i1·c1| <= alpha (1 + tol), plus rounding of i0·c0 itself

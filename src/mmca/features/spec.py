@@ -69,11 +69,7 @@ class FeatureSpec:
     @classmethod
     def from_extractors(cls, backbone, encoder, mirror_images: bool = False) -> "FeatureSpec":
         """The spec of features computed by an `ImageBackbone` and a `TextEncoder`."""
-        b = backbone.describe()
-        image = ImageSpec(source=str(b["name"]), regions=backbone.regions, dim=int(b["dim"]),
-                          grid=int(b["grid"]), image_size=int(b["image_size"]),
-                          weights_sha256=str(b["weights_sha256"]))
-        return cls(image, text_spec(encoder), mirror_images)
+        return cls(image_spec(backbone), text_spec(encoder), mirror_images)
 
     @classmethod
     def of_arrays(cls, regions: int, img_dim: int, txt_dim: int) -> "FeatureSpec":
@@ -120,6 +116,17 @@ class FeatureSpec:
                 hint or "use the features the model was trained with (mmca adopts them when no "
                         "--grid/--text-encoder/--max-tokens flag is given), or retrain on these")
 
+    def require_source(self, precomp: bool, where: str) -> None:
+        """Refuse data of the other kind (photos for a model of precomp features, or the
+        reverse) before anything is computed."""
+        if self.image.source == ARRAYS or precomp == (self.image.source == PRECOMP):
+            return
+        have = "precomputed region features" if precomp else "photos (the images-folder layout)"
+        want = "precomputed (precomp) region features" if self.image.source == PRECOMP else \
+            f"photos through {self.image.source}"
+        raise CheckpointError(f"{where} holds {have}, but the model was trained on {want}",
+                              "evaluate on data of the kind the model was trained on")
+
     def describe(self) -> str:
         """One line for people: 'mobilenet_v2 352 px, grid 6 (36 x 1280); bert ≤64 tokens (384)'."""
         im, tx = self.image, self.text
@@ -130,6 +137,12 @@ class FeatureSpec:
         limit = f" ≤{tx.max_tokens} tokens" if tx.max_tokens else ""
         where = f" from {Path(tx.model_dir).name}" if tx.model_dir else ""
         return f"{left}; {tx.model_type}{where}{limit} ({tx.dim})"
+
+
+def image_spec(backbone) -> ImageSpec:
+    b = backbone.describe()
+    return ImageSpec(source=str(b["name"]), regions=backbone.regions, dim=int(b["dim"]), grid=int(b["grid"]),
+                     image_size=int(b["image_size"]), weights_sha256=str(b["weights_sha256"]))
 
 
 def text_spec(encoder) -> TextSpec:
@@ -163,6 +176,25 @@ def extraction_options(spec: FeatureSpec, grid: int | None = None, text_encoder:
                               "leave these flags out: mmca adopts the features the model was trained with")
     encoder_dir = text_encoder
     if encoder_dir is None and spec.text.model_dir and Path(spec.text.model_dir).is_dir():
-        encoder_dir = spec.text.model_dir  # else the default encoder, checked against the spec later
-    return {"grid": spec.image.grid or grid or 6, "text_encoder": encoder_dir,
-            "max_tokens": spec.text.max_tokens or max_tokens or 64}
+        encoder_dir = spec.text.model_dir  # else the default encoder, checked against the spec below
+    opts = {"grid": spec.image.grid if spec.image.grid is not None else (grid or 6), "text_encoder": encoder_dir,
+            "max_tokens": spec.text.max_tokens if spec.text.max_tokens is not None else (max_tokens or 64)}
+    _precheck(spec, opts)
+    return opts
+
+
+def _precheck(spec: FeatureSpec, opts: dict[str, Any]) -> None:
+    """Refuse extractors that would compute other features than `spec`'s before any feature is
+    computed (reading a model's config and hashing the backbone weights take milliseconds)."""
+    from mmca.features.backbone import ImageBackbone
+    from mmca.features.text_encoder import TextEncoder
+
+    if spec.text.model_type != ARRAYS:
+        found = FeatureSpec(spec.image, text_spec(TextEncoder(opts["text_encoder"], opts["max_tokens"])))
+        where = opts["text_encoder"] or "the default all-MiniLM-L6-v2"
+        spec.require_match(found, "the model", f"the text encoder {where}",
+                           f"pass --text-encoder with the encoder the model was trained with ({spec.text.model_dir})")
+    if spec.image.source not in (PRECOMP, ARRAYS):
+        found = FeatureSpec(image_spec(ImageBackbone(opts["grid"])), spec.text)
+        spec.require_match(found, "the model", "the installed image backbone",
+                           "install the mmca version and weights the model was trained with, or retrain")

@@ -102,13 +102,18 @@ def load_test(searcher, clients: int = 8, seconds: float = 30.0) -> dict:
 
 def synthetic_index(out: Path, ckpt: Path, features: np.ndarray, n: int, seed: int = 0) -> Path:
     """n synthetic images: each the region-wise mean of two random real images plus noise."""
-    from mmca.checkpoint import load_model
+    from mmca.checkpoint import load_model_and_spec
     from mmca.engine import ScoringEngine
+    from mmca.errors import CheckpointError
     from mmca.search.index import GalleryIndex, IndexWriter, checkpoint_identity
 
     if (out / "index.sqlite").exists() and GalleryIndex(out).num_images == n:
         return out
-    model, _ = load_model(ckpt)
+    model, spec, _ = load_model_and_spec(ckpt)
+    if spec.image.regions != features.shape[1] or spec.image.dim != features.shape[2]:
+        raise CheckpointError(f"{ckpt} was trained on {spec.image.regions} x {spec.image.dim} regions; the "
+                              f"synthetic gallery's source features are {features.shape[1]} x {features.shape[2]}",
+                              "pass features prepared as the checkpoint's (same --grid)")
     engine = ScoringEngine(model, "cpu")
     rng = np.random.default_rng(seed)
     meta = {"checkpoint": checkpoint_identity(ckpt), "model_config": model.config.to_dict(),
@@ -132,7 +137,7 @@ def _encoder_identity():
 
 
 def main(argv=None) -> int:
-    from mmca.checkpoint import save_checkpoint
+    from mmca.checkpoint import read_checkpoint, save_checkpoint
     from mmca.config import ModelConfig
     from mmca.features import open_dataset
     from mmca.model import MMCA
@@ -153,7 +158,7 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     rand = args.work / "random-d256.pt"
-    if not rand.exists():
+    if not rand.exists() or "feature_spec" not in read_checkpoint(rand):  # absent, or from before specs
         from mmca.features import ImageBackbone, TextEncoder
         from mmca.features.spec import FeatureSpec
         save_checkpoint(rand, MMCA(ModelConfig()), FeatureSpec.from_extractors(ImageBackbone(), TextEncoder()))
