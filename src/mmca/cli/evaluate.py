@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mmca.cli.features import add_feature_arguments, feature_options
+from mmca.cli.features import add_feature_arguments, feature_options, non_negative_int, positive_int
 from mmca.engine.precision import CHOICES
 from mmca.evaluate import DEFAULT_MAX_RANK, MODES, PROTOCOLS
 from mmca.metrics import TIES
@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="dev", help="split to evaluate (default: dev)")
     p.add_argument("--protocol", default="full", choices=list(PROTOCOLS), help="default: full")
     p.add_argument("--mode", default="exact", choices=MODES, help="default: exact")
-    p.add_argument("--shortlist-k", type=int, default=100, metavar="K",
+    p.add_argument("--shortlist-k", type=positive_int, default=100, metavar="K",
                    help="candidates re-ranked per query in shortlist mode (default: 100)")
     p.add_argument("--full-ranks", action="store_true",
                    help=f"every rank exact, not only those below {DEFAULT_MAX_RANK} (gives the mean rank)")
@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "shortlist mode where the device has bf16 units; bf16 in an exact mode is "
                         "an approximation (ranks may differ)")
     p.add_argument("--cache", type=Path, help="feature cache directory (default: ~/.cache/mmca)")
-    p.add_argument("--captions-per-image", type=int, default=5, metavar="N",
+    p.add_argument("--captions-per-image", type=non_negative_int, default=5, metavar="N",
                    help="default: 5; 0 accepts any count that is the same for every image")
     add_feature_arguments(p, adopts=True)
     p.add_argument("--out", type=Path, metavar="JSON",

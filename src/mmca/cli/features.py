@@ -14,15 +14,28 @@ DEFAULT_GRID = 6
 DEFAULT_MAX_TOKENS = 64
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
+def _int_in(text: str, low: int, high: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"must be {'at least ' + str(low) if high is None else f'{low}..{high}'}, "
+                                         f"got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    return _int_in(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _int_in(text, 0)
+
+
+def port_number(text: str) -> int:
+    return _int_in(text, 1, 65535)
 
 
 def add_feature_arguments(p: argparse.ArgumentParser, adopts: bool = False) -> None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mmca.cli.features import add_feature_arguments, feature_options
+from mmca.cli.features import add_feature_arguments, feature_options, non_negative_int, positive_int
 from mmca.errors import DataError
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_feature_arguments(p)
     p.add_argument(
         "--captions-per-image",
-        type=int,
+        type=non_negative_int,
         default=5,
         metavar="N",
         help="captions each image must have (default: 5; 0 accepts any count that is the same for every image)",
@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="rebuild the features even when the cache is valid")
     p.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="processes computing features, one torch thread each (default: one per CPU for large splits)",
     )

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from mmca.cli.features import positive_int
 from mmca.errors import MmcaError
 
 NAME = "search"
@@ -25,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", type=Path, help="an image file: rank the index's captions instead")
     p.add_argument("--index", type=Path, required=True, metavar="DIR", help="an index written by `mmca index`")
     p.add_argument("--checkpoint", type=Path, help="default: the index's own (must be the same file contents)")
-    p.add_argument("-k", type=int, default=10, help="results to return (default: 10)")
+    p.add_argument("-k", type=positive_int, default=10, help="results to return (default: 10)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mmca.cli.features import port_number
+
 NAME = "serve"
 HELP = "serve a web page to search an index by sentence or by image (localhost)"
 DESCRIPTION = """\
@@ -24,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", type=Path, required=True, metavar="DIR")
     p.add_argument("--checkpoint", type=Path, help="default: the index's own")
     p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000, help="default: 8000")
 
 
 def run(args: argparse.Namespace) -> int:

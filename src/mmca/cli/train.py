@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from mmca.cli.features import add_feature_arguments, checkpoint_feature_spec, feature_options
+from mmca.cli.features import add_feature_arguments, checkpoint_feature_spec, feature_options, positive_int
 from mmca.config import PRESETS, preset
 from mmca.errors import MmcaError
 
@@ -76,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--cache", type=Path, help="feature cache directory (default: ~/.cache/mmca)")
     add_feature_arguments(p)
-    p.add_argument("--captions-per-image", type=int, default=5)
+    p.add_argument("--captions-per-image", type=positive_int, default=5)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     group = p.add_argument_group("preset overrides")
     for name, kind in OVERRIDES.items():
