@@ -121,7 +121,7 @@ def mine_pairs(engine: ScoringEngine, images, texts, margin: float, same_image=N
 
 
 def mined_loss(model, regions, tokens, mask, margin: float = 0.2, same_image=None,
-               kind: str = "max", precision: str = "fp32", block_pairs: int = 64,
+               kind: str = "max", precision: str = "fp32", block_pairs: int | None = None,
                stats: dict | None = None) -> torch.Tensor:
     """The batch loss with the gradient of back-propagating through all B² pairs.
 

@@ -15,6 +15,10 @@ from mmca.engine.pairs import CrossWeights, score_block
 from mmca.errors import NonFiniteError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Pairs per block by device. Every block is padded to this size (one shape: the same float for a
+# pair in any block), so small calls pay up to a block per caption-length bucket; on the 2-core
+# CPU 16..256 ran at the same rate (docs/benchmarks.md), GPUs want larger blocks.
+DEFAULT_BLOCK_PAIRS = {"cpu": 16, "cuda": 256}
 STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -84,7 +88,8 @@ class ScoringEngine:
     compute dtype; `"bf16"` or `"fp16"` under fp32 compute is an explicit opt-in that halves the
     banks and moves scores by the rounding of the stored rows (ranks stay identical between
     the exact and exhaustive modes on the same banks; scores are no longer the fp32 model's).
-    `block_pairs` bounds the pairs scored at once (memory ~ block_pairs x (k + L) x d floats);
+    `block_pairs` bounds the pairs scored at once (memory ~ block_pairs x (k + L) x d floats;
+    default by device, DEFAULT_BLOCK_PAIRS);
     every block is padded to exactly `block_pairs` pairs, so a pair is always computed with the
     same shapes (kernels chosen by matrix size cannot change its float); `length_granule` sets
     the caption length buckets. `pair_budget` bounds the candidate pairs the exact rank passes
@@ -93,7 +98,7 @@ class ScoringEngine:
     NaN/Inf weights (training's mining engine skips it: the trainer checks every gradient).
     """
 
-    def __init__(self, model, device=None, precision: str = "fp32", block_pairs: int = 64,
+    def __init__(self, model, device=None, precision: str = "fp32", block_pairs: int | None = None,
                  length_granule: int = 4, storage: str | None = None, pair_budget: int = 1 << 21,
                  check_weights: bool = True):
         if precision not in PRECISIONS:
@@ -106,6 +111,8 @@ class ScoringEngine:
         self.dtype = PRECISIONS[precision]
         self.storage = precision if storage is None else storage
         self.storage_dtype = STORAGE[self.storage]
+        if block_pairs is None:  # small blocks on CPUs: padding a caption bucket's tail costs < 16 pairs
+            block_pairs = DEFAULT_BLOCK_PAIRS.get(self.device.type, 16)
         self.block_pairs = max(1, int(block_pairs))
         self.length_granule = max(1, int(length_granule))
         self.pair_budget = max(1, int(pair_budget))
