@@ -154,3 +154,11 @@ def test_the_capped_score_cache_stays_within_the_pair_budget(gallery, monkeypatc
     want = ScoringEngine(model, block_pairs=16).ranks(images, texts, ci, mode="exhaustive", max_rank=10)
     assert np.array_equal(got.i2t, want.i2t) and np.array_equal(got.t2i, want.t2i)
     assert sizes and max(sizes) <= 40
+
+
+def test_exhaustive_mode_scores_each_pair_once(gallery):
+    model, regions, tokens, mask, ci = gallery
+    engine = ScoringEngine(model)
+    images, texts = engine.image_bank(regions), engine.text_bank((tokens, mask))
+    result = engine.ranks(images, texts, ci, mode="exhaustive")
+    assert result.pair_passes == len(regions) * len(ci)  # 100 %, not 100 % + the thresholds

@@ -257,9 +257,12 @@ class ScoringEngine:
             out[sel] = self._score_bucket(images, texts, bid, a[sel], row_of[sel])
         return out
 
-    def iter_full_scores(self, images: ImageBank, texts: TextBank,
-                         image_block: int = 64) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """Exhaustive S streamed by image block: yields (first, last, S[first:last] (nb, M))."""
+    def iter_full_scores(self, images: ImageBank, texts: TextBank, image_block: int = 64,
+                         known: tuple[torch.Tensor, torch.Tensor] | None = None
+                         ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Exhaustive S streamed by image block: yields (first, last, S[first:last] (nb, M)).
+        `known` = (image of each caption, S of that pair): those pairs, already scored, are
+        filled in rather than scored again (the same float: every block has one shape)."""
         n, m = len(images), len(texts)
         for s in range(0, n, image_block):
             e = min(n, s + image_block)
@@ -268,8 +271,15 @@ class ScoringEngine:
                 rows = torch.arange(len(bucket.captions), device=self.device)
                 a = torch.arange(s, e, device=self.device).repeat_interleave(len(rows))
                 r = rows.repeat(e - s)
-                sc = self._score_bucket(images, texts, bid, a, r).view(e - s, len(rows))
-                block[:, bucket.captions] = sc
+                if known is None:
+                    sc = self._score_bucket(images, texts, bid, a, r)
+                else:
+                    owner, score = known
+                    cap = bucket.captions[r]
+                    todo = owner[cap] != a
+                    sc = score[cap].clone()
+                    sc[todo] = self._score_bucket(images, texts, bid, a[todo], r[todo])
+                block[:, bucket.captions] = sc.view(e - s, len(rows))
             yield s, e, block
 
     @torch.no_grad()
