@@ -18,6 +18,7 @@ import torch
 
 from mmca import __version__
 from mmca.data.dataset import RetrievalDataset
+from mmca.dist import Shard
 from mmca.errors import CheckpointError, DataError
 from mmca.features.spec import FeatureSpec
 from mmca.io import atomic_write_text
@@ -152,6 +153,7 @@ def evaluate(
     shortlist_k: int = 100,
     ties: str = "pessimistic",
     feature_spec: FeatureSpec | None = None,
+    shard: Shard | None = None,
 ) -> EvaluationResult:
     """Rank every fold of `dataset` under `protocol` and compute SPEC §2's metrics.
 
@@ -163,6 +165,8 @@ def evaluate(
     ties: how a candidate scoring exactly as the true item counts (`mmca.metrics`).
     feature_spec: the spec the model was trained with (from its checkpoint): the dataset's
     features must match it.
+    shard: this rank's share of the queries under torch.distributed (`mmca.dist`); every rank
+    returns the single-process metrics, bit for bit.
     """
     from mmca.engine import ScoringEngine
     from mmca.engine.precision import resolve_precision
@@ -194,7 +198,7 @@ def evaluate(
         text_bank = engine.text_bank(dataset.token_features, index=captions)
         encoded = time.perf_counter()
         ranked = engine.ranks(image_bank, text_bank, dataset.caption_image[captions] - images.start,
-                              mode=mode, max_rank=max_rank, shortlist_k=shortlist_k, ties=ties)
+                              mode=mode, max_rank=max_rank, shortlist_k=shortlist_k, ties=ties, shard=shard)
         encode_s += encoded - start
         rank_s += time.perf_counter() - encoded
         folds.append(retrieval_metrics(ranked.i2t, ranked.t2i, exact_below=ranked.exact_below))

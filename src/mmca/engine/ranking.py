@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mmca.dist import Shard
 from mmca.engine.scoring import full_fp32, require_finite
 from mmca.metrics import TIES, ahead
 
@@ -54,12 +55,14 @@ class _Truth:
         return ahead(score, caption, self.sigma[image], self.sidx[image], self.ties)
 
 
-def _thresholds(engine, images, texts, gimg, ties: str = "pessimistic") -> _Truth:
+def _thresholds(engine, images, texts, gimg, ties: str = "pessimistic", shard: Shard = Shard()) -> _Truth:
     """tau_j = S(g(j), j); sigma_i = max over the captions of image i of S(i, c), and the
-    caption reaching it that sorts first (the highest index under ties="argsort")."""
+    caption reaching it that sorts first (the highest index under ties="argsort"). Each rank
+    scores its span of the true pairs; every rank gets all of them."""
     m, dev = len(texts), engine.device
     caps = torch.arange(m, device=dev)
-    tau = engine.pair_scores(images, texts, gimg, caps)
+    cs, ce = shard.span(m)
+    tau = shard.join(engine.pair_scores(images, texts, gimg[cs:ce], caps[cs:ce]), m)
     sigma = torch.full((len(images),), float("-inf"), device=dev)
     sigma.scatter_reduce_(0, gimg, tau, reduce="amax", include_self=True)
     best = tau == sigma[gimg]
@@ -69,7 +72,12 @@ def _thresholds(engine, images, texts, gimg, ties: str = "pessimistic") -> _Trut
 
 
 def ranks(engine, images, texts, caption_image, mode: str = "exact", max_rank: int | None = None,
-          shortlist_k: int = 100, image_block: int = 256, ties: str = "pessimistic") -> RankResult:
+          shortlist_k: int = 100, image_block: int = 256, ties: str = "pessimistic",
+          shard: Shard = Shard()) -> RankResult:
+    """Ranks of every query. With a `shard` of several ranks, each rank works on its share of
+    the queries (image rows; in the capped mode also caption columns) and the ranks and pair
+    passes are combined: every rank returns the single-process result, bit for bit (a pair's
+    score is the same float whichever rank computes it)."""
     if ties not in TIES:
         raise ValueError(f"ties must be one of {', '.join(TIES)}, not {ties!r}")
     start = engine.pair_passes
@@ -80,34 +88,37 @@ def ranks(engine, images, texts, caption_image, mode: str = "exact", max_rank: i
     require_finite(texts.c0, "caption embeddings c0", "caption")
     with full_fp32():
         if mode == "exhaustive":
-            i2t, t2i = _exhaustive(engine, images, texts, gimg, image_block, ties)
+            i2t, t2i = _exhaustive(engine, images, texts, gimg, image_block, ties, shard)
         elif mode == "exact":
             if max_rank is None:
-                i2t, t2i = _exact_all(engine, images, texts, gimg, image_block, ties)
+                i2t, t2i = _exact_all(engine, images, texts, gimg, image_block, ties, shard)
             else:
-                i2t, t2i = _exact_capped(engine, images, texts, gimg, int(max_rank), ties)
+                i2t, t2i = _exact_capped(engine, images, texts, gimg, int(max_rank), ties, shard)
         elif mode == "shortlist":
-            i2t, t2i = _shortlist(engine, images, texts, gimg, int(shortlist_k), image_block, ties)
+            i2t, t2i = _shortlist(engine, images, texts, gimg, int(shortlist_k), image_block, ties, shard)
         else:
             raise ValueError(f"mode must be 'exact', 'exhaustive' or 'shortlist', not {mode!r}")
     if max_rank is not None and mode != "shortlist":
         i2t, t2i = i2t.clamp(max=max_rank), t2i.clamp(max=max_rank)
-    return RankResult(i2t.cpu().numpy(), t2i.cpu().numpy(), engine.pair_passes - start,
+    return RankResult(i2t.cpu().numpy(), t2i.cpu().numpy(), shard.total(engine.pair_passes - start),
                       max_rank if mode != "shortlist" else None, mode, ties)
 
 
-def _exhaustive(engine, images, texts, gimg, image_block, ties):
-    truth = _thresholds(engine, images, texts, gimg, ties)
+def _exhaustive(engine, images, texts, gimg, image_block, ties, shard):
+    truth = _thresholds(engine, images, texts, gimg, ties, shard)
     t2i = torch.zeros(len(texts), dtype=torch.int64, device=engine.device)
     i2t = torch.zeros(len(images), dtype=torch.int64, device=engine.device)
     caps = torch.arange(len(texts), device=engine.device)[None, :]
+    first, last = shard.span(len(images))
     # the true pairs were scored for the thresholds: the blocks reuse them (N x M passes in all)
-    for s, e, block in engine.iter_full_scores(images, texts, min(image_block, 64), known=(gimg, truth.tau)):
+    blocks = engine.iter_full_scores(images, texts, min(image_block, 64), known=(gimg, truth.tau),
+                                     images_span=(first, last))
+    for s, e, block in blocks:
         rows = torch.arange(s, e, device=engine.device)[:, None]
         neg = gimg[None, :] != rows
         t2i += (truth.t2i_ahead(block, rows, caps) & neg).sum(0)
         i2t[s:e] = (truth.i2t_ahead(block, rows, caps) & neg).sum(1)
-    return i2t, t2i
+    return shard.sum(i2t), shard.sum(t2i)
 
 
 def _spans(n: int, block: int) -> list[tuple[int, int]]:
@@ -143,25 +154,29 @@ def _bounds(engine, images, texts, truth: _Truth, s, e, cs: int = 0, ce: int | N
     return g, sure_t, maybe_t, sure_i, maybe_i
 
 
-def _exact_all(engine, images, texts, gimg, image_block, ties):
+def _exact_all(engine, images, texts, gimg, image_block, ties, shard):
     """Every undecided pair scored once, shared by both directions; streamed by image block."""
     i2t, t2i = None, None
-    for i2t, t2i, _ in exact_blocks(engine, images, texts, gimg, image_block, ties):
+    for i2t, t2i, _ in exact_blocks(engine, images, texts, gimg, image_block, ties, shard):
         pass
-    return i2t, t2i
+    return shard.sum(i2t), shard.sum(t2i)
 
 
-def exact_blocks(engine, images, texts, gimg, image_block: int = 256, ties: str = "pessimistic"):
+def exact_blocks(engine, images, texts, gimg, image_block: int = 256, ties: str = "pessimistic",
+                 shard: Shard = Shard()):
     """The exact pruned pass of mode "exact" (no max_rank), one image block at a time (at most
     `engine.pair_budget` pairs): yields (i2t, t2i, images done) once the thresholds are known
     (0 images done) and after each image block; the ranks are complete after the last one
-    (the memory benchmark runs a time-limited prefix of it)."""
+    (the memory benchmark runs a time-limited prefix of it). With a shard: this rank's image
+    rows only (the counts are this rank's part, to be summed over ranks)."""
     n, m = len(images), len(texts)
-    truth = _thresholds(engine, images, texts, gimg, ties)
+    truth = _thresholds(engine, images, texts, gimg, ties, shard)
     t2i = torch.zeros(m, dtype=torch.int64, device=engine.device)
     i2t = torch.zeros(n, dtype=torch.int64, device=engine.device)
     yield i2t, t2i, 0
-    for s, e in _spans(n, min(image_block, max(1, engine.pair_budget // max(m, 1)))):
+    first, last = shard.span(n)
+    for s, e in _spans(last - first, min(image_block, max(1, engine.pair_budget // max(m, 1)))):
+        s, e = s + first, e + first
         _, sure_t, maybe_t, sure_i, maybe_i = _bounds(engine, images, texts, truth, s, e)
         t2i += sure_t.sum(0)
         i2t[s:e] += sure_i.sum(1)
@@ -222,11 +237,15 @@ def _ragged(starts: np.ndarray, counts: np.ndarray):
     return rows, np.repeat(starts, counts) + offs
 
 
-def _exact_capped(engine, images, texts, gimg, max_rank, ties):
-    i2t = t2i = None
-    for i2t, t2i in capped_rounds(engine, images, texts, gimg, max_rank, ties):
+def _exact_capped(engine, images, texts, gimg, max_rank, ties, shard):
+    rounds = capped_rounds(engine, images, texts, gimg, max_rank, ties, shard)
+    i2t, t2i = next(rounds)  # after pass 1: the sure hits, the same on every rank
+    sure_i, sure_t = i2t.copy(), t2i.copy()
+    for i2t, t2i in rounds:
         pass
-    return torch.as_tensor(i2t, device=engine.device), torch.as_tensor(t2i, device=engine.device)
+    # each query's hits grew on its own rank only
+    as_t = lambda a: torch.as_tensor(a, device=engine.device)  # noqa: E731
+    return (as_t(sure_i) + shard.sum(as_t(i2t - sure_i)), as_t(sure_t) + shard.sum(as_t(t2i - sure_t)))
 
 
 class _Queries:
@@ -261,15 +280,17 @@ class _Queries:
         self.hits += np.bincount(local[hit], minlength=len(self.hits))
 
 
-def capped_rounds(engine, images, texts, gimg, max_rank: int, ties: str = "pessimistic"):
+def capped_rounds(engine, images, texts, gimg, max_rank: int, ties: str = "pessimistic",
+                  shard: Shard = Shard()):
     """Mode "exact" with max_rank: ranks exact below max_rank. Pass 1 counts the sure hits of
     every query (i0·c0 only); then, tile by tile (a caption span for t2i alongside an image span
     for i2t, each at most `engine.pair_budget` candidate pairs), each query still open scores
     its undecided candidates in bound order, `chunk` at a time (doubling), until it has
     max_rank hits or none left. Yields (i2t, t2i) (numpy, views of the running counts) after
-    pass 1 and after every scoring round; complete after the last."""
+    pass 1 and after every scoring round; complete after the last. With a shard, this rank
+    scores only the queries of its caption span (t2i) and image span (i2t)."""
     n, m = len(images), len(texts)
-    truth = _thresholds(engine, images, texts, gimg, ties)
+    truth = _thresholds(engine, images, texts, gimg, ties, shard)
     img_tiles, cap_tiles = _tiles(engine, n, m)
     tiles = [(i, c) for i in img_tiles for c in cap_tiles]
     sure_t = torch.zeros(m, dtype=torch.int64, device=engine.device)
@@ -279,6 +300,9 @@ def capped_rounds(engine, images, texts, gimg, max_rank: int, ties: str = "pessi
         sure_t[cs:ce] += st.sum(0)
         sure_i[s:e] += si.sum(1)
     open_t, open_i = sure_t < max_rank, sure_i < max_rank
+    if shard.world > 1:  # the other ranks' queries are theirs to score
+        (cs, ce), (s, e) = shard.span(m), shard.span(n)
+        open_t[:cs], open_t[ce:], open_i[:s], open_i[e:] = False, False, False, False
     hits_t, hits_i = sure_t.cpu().numpy().copy(), sure_i.cpu().numpy().copy()
     tau_np, sigma_np = truth.tau.cpu().numpy(), truth.sigma.cpu().numpy()
     gimg_np, sidx_np = truth.gimg.cpu().numpy(), truth.sidx.cpu().numpy()
@@ -323,22 +347,28 @@ def capped_rounds(engine, images, texts, gimg, max_rank: int, ties: str = "pessi
             yield hits_i, hits_t
 
 
-def _shortlist(engine, images, texts, gimg, k, image_block, ties):
+def _shortlist(engine, images, texts, gimg, k, image_block, ties, shard):
     n, m = len(images), len(texts)
     dev = engine.device
+    empty = torch.zeros(0, dtype=torch.int64, device=dev)
+
+    def spans(count):  # this rank's query blocks
+        first, last = shard.span(count)
+        return [(s + first, e + first) for s, e in _spans(last - first, image_block)]
+
     # t2i: per caption, the top-k images by i0·c0 (its one true image: gimg)
-    t2i = torch.cat([
+    t2i = torch.cat([empty] + [
         _shortlist_ranks(texts.c0[s:e] @ images.i0.T,
                          gimg[s:e, None] == torch.arange(n, device=dev)[None, :],
                          lambda q, c, s=s: engine.pair_scores(images, texts, c, q + s), k, ties)
-        for s, e in _spans(m, image_block)]) if m else torch.zeros(0, dtype=torch.int64, device=dev)
+        for s, e in spans(m)])
     # i2t: per image, the top-k captions by i0·c0 (its true captions: those with gimg == image)
-    i2t = torch.cat([
+    i2t = torch.cat([empty] + [
         _shortlist_ranks(images.i0[s:e] @ texts.c0.T,
                          gimg[None, :] == torch.arange(s, e, device=dev)[:, None],
                          lambda q, c, s=s: engine.pair_scores(images, texts, q + s, c), k, ties)
-        for s, e in _spans(n, image_block)]) if n else torch.zeros(0, dtype=torch.int64, device=dev)
-    return i2t, t2i
+        for s, e in spans(n)])
+    return shard.join(i2t, n), shard.join(t2i, m)
 
 
 def _first_true(values, index, is_true, ties):

@@ -258,13 +258,15 @@ class ScoringEngine:
         return out
 
     def iter_full_scores(self, images: ImageBank, texts: TextBank, image_block: int = 64,
-                         known: tuple[torch.Tensor, torch.Tensor] | None = None
-                         ) -> Iterator[tuple[int, int, torch.Tensor]]:
+                         known: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         images_span: tuple[int, int] | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Exhaustive S streamed by image block: yields (first, last, S[first:last] (nb, M)).
         `known` = (image of each caption, S of that pair): those pairs, already scored, are
-        filled in rather than scored again (the same float: every block has one shape)."""
-        n, m = len(images), len(texts)
-        for s in range(0, n, image_block):
+        filled in rather than scored again (the same float: every block has one shape).
+        `images_span`: only these image rows (default all)."""
+        m = len(texts)
+        first, n = images_span if images_span is not None else (0, len(images))
+        for s in range(first, n, image_block):
             e = min(n, s + image_block)
             block = torch.empty(e - s, m, dtype=torch.float32, device=self.device)
             for bid, bucket in enumerate(texts.buckets):
@@ -293,10 +295,13 @@ class ScoringEngine:
     # ---- retrieval ---------------------------------------------------------------------
     def ranks(self, images: ImageBank, texts: TextBank, caption_image, mode: str = "exact",
               max_rank: int | None = None, shortlist_k: int = 100, image_block: int = 256,
-              ties: str = "pessimistic"):
+              ties: str = "pessimistic", shard=None):
+        """See `mmca.engine.ranking.ranks`; `shard` (a `mmca.dist.Shard`) splits the queries
+        over the ranks of a process group."""
+        from mmca.dist import Shard
         from mmca.engine.ranking import ranks
         return ranks(self, images, texts, caption_image, mode=mode, max_rank=max_rank,
-                     shortlist_k=shortlist_k, image_block=image_block, ties=ties)
+                     shortlist_k=shortlist_k, image_block=image_block, ties=ties, shard=shard or Shard())
 
     def topk_images(self, images: ImageBank, texts: TextBank, k: int, mode: str = "exact"):
         """Per caption, the top-k images under full S -> (scores (M, k), indices (M, k));

@@ -1,0 +1,92 @@
+"""torch.distributed with real 2-process gloo groups (spawned here, a few seconds): sharded
+evaluation equals one process bit for bit, and the process group is set up from torchrun's
+environment or refused with a clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mmca.config import ModelConfig
+from mmca.data.dataset import RetrievalDataset, TokenFeatures
+from mmca.dist import Shard, init_from_env
+from mmca.errors import MmcaError
+from mmca.evaluate import Protocol, evaluate
+from mmca.model import MMCA
+
+CASES = [dict(mode="exact", max_rank=None), dict(mode="exact", max_rank=10), dict(mode="exhaustive", max_rank=None),
+         dict(mode="shortlist", max_rank=None, shortlist_k=7), dict(mode="exact", max_rank=10, ties="argsort")]
+FOLDS = Protocol("folds", "3 folds of 4 images", images=12, fold_size=4)
+
+
+def gallery(seed: int = 0) -> RetrievalDataset:
+    rng = np.random.default_rng(seed)
+    n, cpi = 12, 5
+    lengths = rng.integers(3, 10, size=n * cpi)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    states = rng.standard_normal((offsets[-1], 12)).astype(np.float16)
+    images = rng.standard_normal((n, 4, 8)).astype(np.float32)
+    images[1] = images[0]  # tied scores: the tie conventions must hold across ranks too
+    return RetrievalDataset(name="g", split="dev", image_ids=[str(i) for i in range(n)],
+                            captions=[f"c{j}" for j in range(n * cpi)], caption_image=np.repeat(np.arange(n), cpi),
+                            captions_per_image=cpi, image_features=images, token_features=TokenFeatures(states, offsets))
+
+
+def model() -> MMCA:
+    torch.manual_seed(0)
+    return MMCA(ModelConfig(img_dim=8, txt_dim=12, d=32, heads=4, cnn_filters=8, dropout=0.0)).eval()
+
+
+def run_cases(shard: Shard | None) -> list[dict]:
+    out = []
+    for case in CASES:
+        for protocol in ("full", FOLDS):
+            r = evaluate(model(), gallery(), protocol, device="cpu", shard=shard, **case)
+            out.append({"metrics": r.metrics, "folds": r.folds, "passes": r.pair_passes})
+    return out
+
+
+def _worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        result = run_cases(Shard(rank, world))
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_evaluation_equals_one_process_bit_for_bit(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    single = json.loads(json.dumps(run_cases(None)))
+    for rank in (0, 1):
+        sharded = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for one, many, case in zip(single, sharded, [c for c in CASES for _ in (0, 1)]):
+            assert many["metrics"] == one["metrics"] and many["folds"] == one["folds"], case
+            if case.get("max_rank") is None:  # every pair once, whichever rank scores it
+                assert many["passes"] == one["passes"], case
+            else:  # each rank keeps its own score cache: a pair both directions need may be scored twice
+                assert one["passes"] <= many["passes"] <= 2 * one["passes"], case
+
+
+def test_the_single_shard_is_the_plain_path(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    shard = init_from_env()
+    assert shard == Shard() and shard.main and shard.span(10) == (0, 10) and not dist.is_initialized()
+    assert [Shard(r, 3).span(10) for r in range(3)] == [(0, 3), (3, 6), (6, 10)]
+
+
+def test_a_missing_rendezvous_variable_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for name in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(MmcaError, match="(?s)LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set.*torchrun"):
+        init_from_env()
