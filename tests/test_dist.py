@@ -90,3 +90,38 @@ def test_a_missing_rendezvous_variable_is_a_clear_error(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(MmcaError, match="(?s)LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set.*torchrun"):
         init_from_env()
+
+
+def test_torchrun_evaluate_writes_the_single_process_result(tmp_path):
+    """`torchrun --nproc-per-node 2 -m mmca evaluate` end to end: one results file, equal to
+    the plain command's."""
+    import subprocess
+    import sys
+
+    from mmca.checkpoint import save_checkpoint
+    from mmca.features import TextEncoder
+    from mmca.features.spec import FeatureSpec, precomp_image_spec, text_spec
+
+    root = tmp_path / "precomp"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(root / "dev_ims.npy", rng.standard_normal((8, 4, 8)).astype(np.float32))
+    words = ["dog", "cat", "beach", "snow", "red", "man", "runs", "sits"]
+    (root / "dev_caps.txt").write_text("".join(f"a {words[i]} {words[j % 8]} {j}\n" for i in range(8) for j in range(5)))
+    spec = FeatureSpec(precomp_image_spec(root / "dev_ims.npy", (8, 4, 8), "float32"), text_spec(TextEncoder()))
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "run" / "best.pt",
+                           MMCA(ModelConfig(img_dim=8, txt_dim=384, d=32, heads=4, cnn_filters=8)), spec)
+    common = ["-m", "mmca", "evaluate", str(root), "--checkpoint", str(ckpt), "--cache", str(tmp_path / "cache"),
+              "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    plain = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one.json")], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0, plain.stderr
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *common, "--out", str(tmp_path / "two.json")], env=env, capture_output=True, text=True,
+                         timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("results:") == 1  # one rank prints
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["metrics"] == two["metrics"] and one["pair_passes"] <= two["pair_passes"]

@@ -21,6 +21,14 @@ ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_TIMEOUT_S = 300.0
 
 
+def add_arguments(p) -> None:
+    """--dist-backend / --dist-timeout, for commands that run under torchrun."""
+    p.add_argument("--dist-backend", choices=("gloo", "nccl"), default=None,
+                   help="under torchrun: the process group's backend (default: nccl on CUDA, gloo on CPU)")
+    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
+                   help=f"under torchrun: seconds a collective waits for the other ranks (default: {DEFAULT_TIMEOUT_S:g})")
+
+
 def launched() -> bool:
     """Whether this process was started as one of several ranks (torchrun sets WORLD_SIZE)."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
@@ -59,6 +67,10 @@ class Shard:
     def main(self) -> bool:
         """The rank that writes files and prints (rank 0)."""
         return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
 
     def span(self, n: int) -> tuple[int, int]:
         """This rank's contiguous part of range(n): as even as possible, in rank order."""

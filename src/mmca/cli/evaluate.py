@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from mmca.cli.features import add_feature_arguments, feature_options, non_negative_int, positive_int
+from mmca.dist import add_arguments as add_dist_arguments
 from mmca.engine.precision import CHOICES
 from mmca.evaluate import DEFAULT_MAX_RANK, MODES, PROTOCOLS
 from mmca.metrics import TIES
@@ -69,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--captions-per-image", type=non_negative_int, default=5, metavar="N",
                    help="default: 5; 0 accepts any count that is the same for every image")
     add_feature_arguments(p, adopts=True)
+    add_dist_arguments(p)
     p.add_argument("--out", type=Path, metavar="JSON",
                    help="results file (default: next to the checkpoint, "
                         "eval-<split>-<protocol>-<mode>-<precision>[...].json)")
@@ -79,11 +81,15 @@ def run(args: argparse.Namespace) -> int:
 
     from mmca.checkpoint import load_model_and_spec
     from mmca.data.layouts import read_split
+    from mmca.dist import init_from_env
     from mmca.evaluate import check_protocol, evaluate, format_table, results_name, write_results
     from mmca.features.prepare import open_dataset
 
     model, spec, _ = load_model_and_spec(args.checkpoint)  # fails fast on a bad checkpoint
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shard = init_from_env(device, args.dist_backend, args.dist_timeout)  # one shard without torchrun
+    if shard.world > 1 and torch.device(device).type == "cuda":
+        device = shard.device
     protocol = PROTOCOLS[args.protocol]
     cpi = args.captions_per_image or None
     # Check the split against the protocol before any feature is computed; read it once.
@@ -91,12 +97,18 @@ def run(args: argparse.Namespace) -> int:
     check_protocol(protocol, source.caption_image, source.num_images, source.captions_per_image,
                    f"{source.root}, split {args.split!r}")
     spec.require_source(source.image_features is not None, f"{source.root}, split {args.split!r}")
+    if not shard.main:
+        shard.barrier()  # rank 0 fills the feature cache first; the others then read it
     dataset = open_dataset(args.dataset, args.split, cache_dir=args.cache, captions_per_image=cpi,
-                           source=source, **feature_options(args, spec))
+                           source=source, progress=shard.main, **feature_options(args, spec))
+    if shard.main:
+        shard.barrier()
 
     result = evaluate(model, dataset, protocol, mode=args.mode, device=device, precision=args.precision,
                       max_rank=None if args.full_ranks else DEFAULT_MAX_RANK, shortlist_k=args.shortlist_k,
-                      ties=args.ties, feature_spec=spec)
+                      ties=args.ties, feature_spec=spec, shard=shard)
+    if not shard.main:  # every rank has the same result; one writes and prints it
+        return 0
     out = args.out or args.checkpoint.parent / results_name(args.split, result)
     write_results(out, result, checkpoint=str(args.checkpoint.resolve()),
                   dataset_root=str(source.root), feature_spec=spec.to_dict())
