@@ -136,14 +136,12 @@ def test_staged_run_trains_alpha0_first_and_keeps_the_full_model(tmp_path):
     trainer = Trainer(staged, synthetic_split(24, 1), synthetic_split(10, 2), tmp_path / "staged",
                       progress=False, log=lambda _: None)
     cross_init = {k: v.clone() for k, v in trainer.model.state_dict().items() if k.startswith("cross_unit")}
-    trainer.config = staged.replace(epochs=2)  # stop at the switch to inspect the α = 0 stage
-    trainer.run()
+    trainer.run(until_epoch=2)  # stop at the switch to inspect the α = 0 stage
     assert all(torch.equal(trainer.model.state_dict()[k], v) for k, v in cross_init.items())
     ablation, _ = train_tiny(tmp_path / "a0", config=TINY.replace(epochs=2, model_alpha=0.0))
     for a, b in zip(trainer.model.state_dict().values(), ablation.model.state_dict().values()):
         assert torch.equal(a, b)
     assert not (tmp_path / "staged" / "best.pt").exists()  # no full-model epoch yet
-    trainer.config = staged
     summary = trainer.run()
     assert [r["alpha"] for r in summary["history"]] == [0.0, 0.0, TINY.model.alpha]
     assert read_checkpoint(tmp_path / "staged" / "best.pt")["epoch"] == 3

@@ -93,4 +93,4 @@ def test_broken_image_raises_naming_the_file(backbone: ImageBackbone, flickr8k: 
     with pytest.raises(DataError) as err:
         backbone.extract_files([good, bad], out)
     assert str(bad) in err.value.message
-    assert "remove it from the split" in (err.value.hint or "")
+    assert "remove it from the split list" in (err.value.hint or "")
