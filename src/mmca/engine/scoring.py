@@ -15,10 +15,11 @@ from mmca.engine.pairs import CrossWeights, score_block
 from mmca.errors import NonFiniteError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Pairs per block by device. Every block is padded to this size (one shape: the same float for a
-# pair in any block), so small calls pay up to a block per caption-length bucket; on the 2-core
-# CPU 16..256 ran at the same rate (docs/benchmarks.md), GPUs want larger blocks.
-DEFAULT_BLOCK_PAIRS = {"cpu": 16, "cuda": 256}
+# Pairs per block by device: fewer, larger calls (the kernel is ~40 tensor ops a block; 16-pair
+# blocks ran at half the rate of 64 on one CPU thread). With fixed shapes every block is padded to
+# exactly this size, so a small call pays up to one block per caption-length bucket.
+DEFAULT_BLOCK_PAIRS = {"cpu": 64, "cuda": 256}
+GRANULE = 16  # without fixed shapes, a block's tail is padded to a multiple of this
 STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -90,9 +91,11 @@ class ScoringEngine:
     the exact and exhaustive modes on the same banks; scores are no longer the fp32 model's).
     `block_pairs` bounds the pairs scored at once (memory ~ block_pairs x (k + L) x d floats;
     default by device, DEFAULT_BLOCK_PAIRS);
-    every block is padded to exactly `block_pairs` pairs, so a pair is always computed with the
-    same shapes (kernels chosen by matrix size cannot change its float); `length_granule` sets
-    the caption length buckets. `pair_budget` bounds the candidate pairs the exact rank passes
+    with `fixed_shape` (the default) every block is padded to exactly `block_pairs` pairs, so a
+    pair is always computed with the same shapes (kernels chosen by matrix size cannot change its
+    float: the exact and exhaustive modes agree bit for bit); without it a block's tail is padded
+    to a multiple of GRANULE only (training's mining pass, which compares within a tie tolerance
+    and mostly makes small calls); `length_granule` sets the caption length buckets. `pair_budget` bounds the candidate pairs the exact rank passes
     hold at once (their masks, index vectors and candidate lists, ~50 bytes a pair; the capped
     mode's score cache too), whatever the gallery size. `check_weights` refuses a model with
     NaN/Inf weights (training's mining engine skips it: the trainer checks every gradient).
@@ -100,7 +103,7 @@ class ScoringEngine:
 
     def __init__(self, model, device=None, precision: str = "fp32", block_pairs: int | None = None,
                  length_granule: int = 4, storage: str | None = None, pair_budget: int = 1 << 21,
-                 check_weights: bool = True):
+                 check_weights: bool = True, fixed_shape: bool = True):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
         if storage is not None and storage not in STORAGE:
@@ -111,9 +114,10 @@ class ScoringEngine:
         self.dtype = PRECISIONS[precision]
         self.storage = precision if storage is None else storage
         self.storage_dtype = STORAGE[self.storage]
-        if block_pairs is None:  # small blocks on CPUs: padding a caption bucket's tail costs < 16 pairs
-            block_pairs = DEFAULT_BLOCK_PAIRS.get(self.device.type, 16)
+        if block_pairs is None:
+            block_pairs = DEFAULT_BLOCK_PAIRS.get(self.device.type, 64)
         self.block_pairs = max(1, int(block_pairs))
+        self.fixed_shape = fixed_shape
         self.length_granule = max(1, int(length_granule))
         self.pair_budget = max(1, int(pair_budget))
         if check_weights:
@@ -220,8 +224,8 @@ class ScoringEngine:
         for s in range(0, len(a), bp):
             aa, rr = a[s:s + bp], rows[s:s + bp]
             p = len(aa)
-            pad = bp - p
-            if pad:  # repeat the last pair so every call has exactly `block_pairs` rows
+            pad = bp - p if self.fixed_shape else (-p) % GRANULE
+            if pad:  # repeat the last pair: every call has `block_pairs` rows (or a multiple of GRANULE)
                 aa = torch.cat([aa, aa[-1:].expand(pad)])
                 rr = torch.cat([rr, rr[-1:].expand(pad)])
             out[s:s + p] = score_block(self.weights, images, bucket, texts.c0, aa, rr)[:p]
