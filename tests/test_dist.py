@@ -125,3 +125,74 @@ def test_torchrun_evaluate_writes_the_single_process_result(tmp_path):
     assert run.stdout.count("results:") == 1  # one rank prints
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert one["metrics"] == two["metrics"] and one["pair_passes"] <= two["pair_passes"]
+
+
+# ---------------------------------------------------------------------------- training
+
+def train_config():
+    from mmca.config import TrainConfig
+
+    return TrainConfig(model=ModelConfig(d=16, heads=2, cnn_filters=8, dropout=0.0), epochs=2, batch_size=40,
+                       lr=1e-3, lr_decay_epochs=(), warmup_epochs=1, save_every_steps=2, val_max_rank=None,
+                       mirror_images=True)  # 120 captions: 3 steps an epoch, the sum loss, then hardest negatives
+
+
+def trainer(out_dir, shard=None, resume=False):
+    from test_train import synthetic_split
+
+    from mmca.train import Trainer
+
+    return Trainer(train_config(), synthetic_split(24, 1), synthetic_split(10, 2), out_dir, resume=resume,
+                   progress=False, log=lambda _: None, shard=shard)
+
+
+def _train_worker(rank: int, world: int, rendezvous: str, out_dir: str, until: int | None, resume: bool) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        trainer(out_dir, Shard(rank, world), resume=resume).run(until_epoch=until)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_training(tmp_path, name: str, out_dir, until=None, resume=False):
+    mp.spawn(_train_worker, args=(2, str(tmp_path / f"rdv-{name}"), str(out_dir), until, resume), nprocs=2, join=True)
+
+
+def assert_same_weights(a: dict, b: dict, d: int = 16) -> None:
+    """allclose 1e-5, except the key part of each attention's qkv bias: adding b_k to every key
+    adds q·b_k to a whole row of logits, which the softmax cancels, so its exact gradient is 0 and
+    Adam turns the float noise there (~1e-9) into steps of up to lr either way."""
+    for k, v in a.items():
+        w = b[k]
+        if k.endswith("qkv.bias"):
+            v, w = torch.cat([v[:d], v[2 * d:]]), torch.cat([w[:d], w[2 * d:]])
+        assert torch.allclose(v, w, atol=1e-5, rtol=0), (k, float((v - w).abs().max()))
+
+
+def test_two_ranks_train_as_one_process(tmp_path):
+    from mmca.checkpoint import read_checkpoint
+
+    one = trainer(tmp_path / "one")
+    one.run()
+    spawn_training(tmp_path, "two", tmp_path / "two")
+    two = read_checkpoint(tmp_path / "two" / "last.pt")
+    assert_same_weights(one.model.state_dict(), two["model"])  # 6 optimizer steps, mining included
+    history = json.loads(two["state"])["history"]
+    assert [r["loss_kind"] for r in history] == ["sum", "max"]
+    assert [r["rsum"] for r in history] == pytest.approx([r["rsum"] for r in one.state.history], abs=1e-6)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_a_distributed_run_resumes_with_the_same_or_another_world_size(tmp_path):
+    from mmca.checkpoint import read_checkpoint
+
+    whole = trainer(tmp_path / "whole")
+    whole.run()
+    spawn_training(tmp_path, "a", tmp_path / "a", until=1)  # stopped after epoch 1 by 2 ranks...
+    spawn_training(tmp_path, "a2", tmp_path / "a", resume=True)  # ...resumed by 2 ranks
+    assert_same_weights(whole.model.state_dict(), read_checkpoint(tmp_path / "a" / "last.pt")["model"])
+    spawn_training(tmp_path, "b", tmp_path / "b", until=1)
+    resumed = trainer(tmp_path / "b", resume=True)  # ...resumed by one process: same global batch
+    resumed.run()
+    assert_same_weights(whole.model.state_dict(), resumed.model.state_dict())

@@ -24,7 +24,10 @@ from tqdm.auto import tqdm
 from mmca.checkpoint import checkpoint_spec, read_checkpoint, save_checkpoint
 from mmca.config import TrainConfig
 from mmca.data.dataset import RetrievalDataset
+from mmca.dist import Shard
 from mmca.engine import mined_loss
+from mmca.engine.bank import pad_tokens
+from mmca.engine.global_batch import average_gradients, global_mined_loss
 from mmca.engine.precision import PrecisionChoice, resolve_precision
 from mmca.errors import MmcaError
 from mmca.evaluate import evaluate
@@ -86,10 +89,16 @@ class Trainer:
     def __init__(self, config: TrainConfig, train_set: RetrievalDataset, dev_set: RetrievalDataset,
                  out_dir: str | Path, device: str | torch.device = "cpu", resume: bool = False,
                  init_from: str | Path | None = None, branch_from: str | Path | None = None,
-                 progress: bool = True, log: Callable[[str], None] = print):
+                 progress: bool = True, log: Callable[[str], None] = print, shard: Shard | None = None):
         """`branch_from`: the last.pt of this run's α = 0 ablation saved at the end of epoch
         `cross_from_epoch` (see `prefix_config`): the staged run's first epochs are that
-        run's, bit for bit, so they are taken from it instead of trained again."""
+        run's, bit for bit, so they are taken from it instead of trained again.
+        `shard`: this rank of a data-parallel run (`mmca.dist`): every global batch is split
+        over the ranks, the loss and gradient are one process's (`engine.global_batch`), rank 0
+        alone writes files and logs."""
+        self.shard = shard or Shard()
+        if not self.shard.main:
+            log, progress = (lambda _: None), False
         self.config = config.replace(model_img_dim=int(train_set.image_features.shape[2]),
                                      model_txt_dim=train_set.token_features.dim)
         if self.config.mirror_images and not train_set.image_views:
@@ -120,6 +129,11 @@ class Trainer:
             self._branch(Path(branch_from))
         elif init_from is not None:
             self._init_weights(Path(init_from))
+        if self.shard.world > self.config.batch_size:
+            raise MmcaError(f"{self.shard.world} ranks for batches of {self.config.batch_size}: some would hold "
+                            "no item", "use at most --batch-size ranks")
+        if not self.shard.main:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out_dir / "config.json", json.dumps(
             {**self.config.to_dict(), "feature_spec": self.spec.to_dict(), "mining": self.mining.to_dict()},
@@ -177,6 +191,8 @@ class Trainer:
         self.log(f"epochs 1-{prefix} taken from {path} (the α = 0 run, identical up to there)")
 
     def _save_last(self) -> None:
+        if not self.shard.main:
+            return
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         save_checkpoint(self.last_path, self.model, self.spec, train_config=self.config.to_dict(),
                         mining_precision=self.mining.precision,
@@ -186,18 +202,27 @@ class Trainer:
     def _train_step(self, captions: np.ndarray, kind: str) -> float:
         ds = self.train_set
         images = ds.caption_image[captions]
-        regions = ds.image_batch(images, views=self._image_views(len(images))).to(self.device)
-        tokens, mask = ds.token_features.batch(captions)
+        views = self._image_views(len(images))
         same_image = torch.from_numpy(images[:, None] == images[None, :]).to(self.device)
-        loss = mined_loss(self.model, regions, tokens.to(self.device), mask.to(self.device),
-                          margin=self.config.margin, same_image=same_image, kind=kind,
-                          precision=self.mining.precision)
+        common = dict(margin=self.config.margin, same_image=same_image, kind=kind, precision=self.mining.precision)
+        if self.shard.world == 1:
+            regions = ds.image_batch(images, views=views).to(self.device)
+            tokens, mask = ds.token_features.batch(captions)
+            loss = mined_loss(self.model, regions, tokens.to(self.device), mask.to(self.device), **common)
+        else:  # this rank's share of the global batch; tokens padded to the batch's longest caption
+            s, e = self.shard.span(len(captions))
+            regions = ds.image_batch(images[s:e], views=None if views is None else views[s:e]).to(self.device)
+            tokens, mask = ds.token_features.batch(captions[s:e])
+            tokens, mask = pad_tokens(tokens, mask, int(ds.token_features.lengths[captions].max()))
+            loss = global_mined_loss(self.model, regions, tokens.to(self.device), mask.to(self.device),
+                                     self.shard, len(captions), **common)
         if not torch.isfinite(loss):
             raise MmcaError(f"training loss became {float(loss)} in epoch {self.state.epoch + 1}, "
                             f"step {self.state.step + 1}; {self.last_path} holds the last good state",
                             "lower the learning rate or set a gradient clip, then --resume")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(self.model.parameters(), self.shard)
         # the norm is needed anyway to clip; inf leaves the gradient as it is
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or float("inf"))
         if not torch.isfinite(norm):
@@ -266,7 +291,7 @@ class Trainer:
             train_s = time.perf_counter() - started
             self.model.eval()
             result = evaluate(self.model, self.dev_set, mode="exact", max_rank=cfg.val_max_rank,
-                              device=self.device)
+                              device=self.device, shard=self.shard)
             m = result.metrics
             row = {"epoch": st.epoch + 1, "loss": round(loss, 4), "loss_kind": kind, "lr": lr,
                    "train_s": round(train_s, 1), "val_s": round(result.seconds, 1),
@@ -283,8 +308,9 @@ class Trainer:
             # best.pt holds the full model: a staged run's α = 0 epochs are not candidates
             if m["rsum"] > st.best_rsum and (self.model.cross_enabled or not cfg.model.alpha):
                 st.best_rsum = m["rsum"]
-                save_checkpoint(self.best_path, self.model, self.spec, train_config=cfg.to_dict(),
-                                epoch=row["epoch"], metrics=m)
+                if self.shard.main:
+                    save_checkpoint(self.best_path, self.model, self.spec, train_config=cfg.to_dict(),
+                                    epoch=row["epoch"], metrics=m)
             st.epoch, st.step, st.loss_sum = st.epoch + 1, 0, 0.0
             self._save_last()
             self._write_log()
@@ -299,6 +325,8 @@ class Trainer:
         return next((r for r in self.state.history if r["epoch"] == epoch), None)
 
     def _write_log(self) -> None:
+        if not self.shard.main:
+            return
         rows = io.StringIO()
         writer = csv.DictWriter(rows, fieldnames=LOG_FIELDS)
         writer.writeheader()

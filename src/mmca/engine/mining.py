@@ -130,24 +130,34 @@ def mined_loss(model, regions, tokens, mask, margin: float = 0.2, same_image=Non
     violates the margin), which are then recomputed with grad. `precision="bf16"` runs only
     the mining pass in bfloat16 (the recompute stays float32; near-ties within the bf16
     tolerance are all recomputed). `stats`, if given, receives pair-pass counts."""
+    r, i0 = model.encode_image(regions)
+    e, c0 = model.encode_text(tokens, mask)
+    return loss_from_encodings(model, r, i0, e, c0, mask, margin, same_image, kind, precision,
+                               block_pairs, stats)
+
+
+def loss_from_encodings(model, r, i0, e, c0, mask, margin: float = 0.2, same_image=None, kind: str = "max",
+                        precision: str = "fp32", block_pairs: int | None = None, stats: dict | None = None,
+                        recompute=_pair_scores_grad) -> torch.Tensor:
+    """`mined_loss` from the batch's encodings (R, i0, E', c0: all B items, with grad).
+    `recompute(model, r, i0, e, c0, mask, a, b)` gives the differentiable S of the mined pairs
+    (a, b) (a data-parallel run splits them over its ranks: `mmca.engine.global_batch`)."""
     if kind not in ("max", "sum"):
         raise ValueError(f"kind must be 'max' or 'sum', not {kind!r}")
     loss_fn = max_violation_loss if kind == "max" else sum_violation_loss
-    r, i0 = model.encode_image(regions)
-    e, c0 = model.encode_text(tokens, mask)
     if not model.alpha:  # S = i0·c0: the whole B x B matrix is one product, nothing to mine
         if stats is not None:
             stats.update(mined_pairs=0, recomputed_pairs=0)
         return loss_fn(i0 @ c0.T, margin, same_image)
     # no weight check: the trainer refuses non-finite gradients instead; no fixed shapes: mining
     # compares within a tie tolerance, and its calls are small (a few pairs per length bucket)
-    engine = ScoringEngine(model, device=regions.device, precision=precision, block_pairs=block_pairs,
+    engine = ScoringEngine(model, device=r.device, precision=precision, block_pairs=block_pairs,
                            check_weights=False, fixed_shape=False)
     with inference_mode(model):
         images, texts = _batch_banks(engine, r, i0, e, c0, mask)
         a, b, passes = mine_pairs(engine, images, texts, margin, same_image, kind)
-    bsz = len(regions)
-    scores = _pair_scores_grad(model, r, i0, e, c0, mask, a, b)
+    bsz = len(r)
+    scores = recompute(model, r, i0, e, c0, mask, a, b)
     full = torch.full((bsz, bsz), float("-inf"), device=scores.device, dtype=scores.dtype)
     full = full.index_put((a, b), scores)
     if stats is not None:
