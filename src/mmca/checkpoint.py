@@ -64,9 +64,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MM
     """The model in eval mode, and the rest of the payload (epoch, metrics, feature spec, ...)."""
     payload = read_checkpoint(path)
     try:
-        model = MMCA(ModelConfig.from_dict(payload["config"]))
-        model.load_state_dict(payload.pop("model"))
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        # built without memory first: a crafted config (d = 65536) must not allocate 50 GB
+        with torch.device("meta"):
+            model = MMCA(ModelConfig.from_dict(payload["config"]))
+        weights = payload.pop("model")
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        have = {k: tuple(v.shape) for k, v in weights.items()}
+        if want != have:
+            bad = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+            raise ValueError(f"its weights do not match its config (e.g. {bad[0]})")
+        model.load_state_dict(weights, assign=True)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise CheckpointError(f"{path} is not a usable mmca checkpoint: {err}",
                               "the file is damaged or was edited; use a checkpoint written by `mmca train`") from err
     return model.to(device).eval(), payload

@@ -72,6 +72,19 @@ class Shard:
         if self.world > 1:
             dist.barrier()
 
+    def main_first(self, work):
+        """`work()` on rank 0 first, then on the others (e.g. filling a shared cache once)."""
+        if not self.main:
+            self.barrier()
+        out = work()
+        if self.main:
+            self.barrier()
+        return out
+
+    def device_for(self, device: str) -> str:
+        """This rank's device: its own GPU under torchrun on CUDA, else `device` as given."""
+        return self.device if self.world > 1 and torch.device(device).type == "cuda" else device
+
     def span(self, n: int) -> tuple[int, int]:
         """This rank's contiguous part of range(n): as even as possible, in rank order."""
         return n * self.rank // self.world, n * (self.rank + 1) // self.world

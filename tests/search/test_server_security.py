@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -126,3 +127,49 @@ def test_huge_numbers_and_chunked_uploads_are_refused_early(hostile):
     Image.new("RGB", (64, 64)).save(png, "PNG")
     ok = c.post("/api/search_image", files={"file": ("a.png", png.getvalue(), "image/png")}, data={"k": "2"})
     assert ok.status_code == 409 and "caption" in ok.json()["error"]  # read whole; this index has no captions
+
+
+def test_open_binding_accepts_ip_literals_only(hostile):
+    from mmca.search import Searcher
+
+    _, index = hostile
+    app = create_app(Searcher(index), host="0.0.0.0")
+    ok = TestClient(app, base_url="http://192.168.1.20:8000", raise_server_exceptions=False)
+    assert ok.get("/api/info").status_code == 200
+    rebinding = TestClient(app, base_url="http://evil.example:8000", raise_server_exceptions=False)
+    assert rebinding.get("/api/info").status_code == 421
+
+
+def test_other_sites_cannot_embed_or_probe_the_gallery(hostile):
+    _, index = hostile
+    c = client_for(index)
+    embed = {"sec-fetch-site": "cross-site", "sec-fetch-mode": "no-cors", "sec-fetch-dest": "image"}
+    r = c.get("/api/image/0", headers=embed)
+    assert r.status_code == 403 and r.headers["cross-origin-resource-policy"] == "same-origin"
+    assert c.get("/api/gallery", headers=embed).status_code == 403
+    link = {"sec-fetch-site": "cross-site", "sec-fetch-mode": "navigate"}
+    assert c.get("/", headers=link).status_code == 200  # following a link to the page is fine
+    for origin in ("http://[", "http://127.0.0.1:9999", "https://127.0.0.1:8000", "null"):
+        r = c.post("/api/search", content=b'{"query": "a dog"}',
+                   headers={"content-type": "application/json", "origin": origin})
+        assert r.status_code == 403, origin
+
+
+def test_crafted_checkpoints_cannot_exhaust_memory(tmp_path):
+    from mmca.checkpoint import FORMAT, load_model
+    from mmca.errors import CheckpointError
+
+    path = tmp_path / "huge.pt"
+    torch.save({"format": FORMAT, "config": {"d": 65536, "heads": 1, "img_dim": 65536}, "model": {}}, path)
+    with pytest.raises(CheckpointError, match="do not match its config"):
+        load_model(path)  # built on the meta device: nothing allocated
+
+
+def test_file_names_that_are_not_text_are_refused_before_any_work(tmp_path):
+    from mmca.errors import DataError
+    from mmca.search.index import list_images
+
+    name = b"\xff.jpg".decode("utf-8", "surrogateescape")
+    Image.new("RGB", (20, 20)).save(tmp_path / name, "JPEG")
+    with pytest.raises(DataError, match="not valid UTF-8"):
+        list_images(tmp_path)

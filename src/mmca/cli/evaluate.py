@@ -88,8 +88,7 @@ def run(args: argparse.Namespace) -> int:
     model, spec, _ = load_model_and_spec(args.checkpoint)  # fails fast on a bad checkpoint
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shard = init_from_env(device, args.dist_backend, args.dist_timeout)  # one shard without torchrun
-    if shard.world > 1 and torch.device(device).type == "cuda":
-        device = shard.device
+    device = shard.device_for(device)
     protocol = PROTOCOLS[args.protocol]
     cpi = args.captions_per_image or None
     # Check the split against the protocol before any feature is computed; read it once.
@@ -97,12 +96,9 @@ def run(args: argparse.Namespace) -> int:
     check_protocol(protocol, source.caption_image, source.num_images, source.captions_per_image,
                    f"{source.root}, split {args.split!r}")
     spec.require_source(source.image_features is not None, f"{source.root}, split {args.split!r}")
-    if not shard.main:
-        shard.barrier()  # rank 0 fills the feature cache first; the others then read it
-    dataset = open_dataset(args.dataset, args.split, cache_dir=args.cache, captions_per_image=cpi,
-                           source=source, progress=shard.main, **feature_options(args, spec))
-    if shard.main:
-        shard.barrier()
+    dataset = shard.main_first(lambda: open_dataset(  # rank 0 fills the feature cache, the others read it
+        args.dataset, args.split, cache_dir=args.cache, captions_per_image=cpi, source=source,
+        progress=shard.main, **feature_options(args, spec)))
 
     result = evaluate(model, dataset, protocol, mode=args.mode, device=device, precision=args.precision,
                       max_rank=None if args.full_ranks else DEFAULT_MAX_RANK, shortlist_k=args.shortlist_k,

@@ -37,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
 
     searcher = Searcher(args.index, args.checkpoint)
     app = create_app(searcher, host=args.host)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"mmca serve: warning: bound to {args.host}: anyone who can reach this machine can search "
+              "the index and see its photos", flush=True)
     print(f"mmca serve: {searcher.index.num_images} images, {len(searcher.index.captions)} captions; "
           f"http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from mmca.cli.features import add_feature_arguments, checkpoint_feature_spec, feature_options, positive_int
 from mmca.config import PRESETS, preset
+from mmca.dist import add_arguments as add_dist_arguments
+from mmca.dist import init_from_env
 from mmca.errors import MmcaError
 
 NAME = "train"
@@ -21,6 +23,10 @@ The run directory (--out) gets: config.json, last.pt (resumable state, rewritten
 best.pt, log.csv (one row per epoch), curves.png (loss and dev rsum per epoch).
 Interrupt at any time (Ctrl-C) and continue with the same command plus --resume: the
 result is the same as an uninterrupted run.
+
+Several processes (docs/distributed.md): `torchrun --nproc-per-node N -m mmca train ...` splits
+every global batch (--batch-size) over the N ranks with the loss and gradient of one process;
+a run can be resumed with another N.
 
 presets:
 """ + "\n".join(f"  {name:8s} {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g}"
@@ -78,6 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_feature_arguments(p)
     p.add_argument("--captions-per-image", type=positive_int, default=5)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    add_dist_arguments(p)
     group = p.add_argument_group("preset overrides")
     for name, kind in OVERRIDES.items():
         flag = "--" + (name[6:] if name.startswith("model_") else name).replace("_", "-")
@@ -91,17 +98,23 @@ def run(args: argparse.Namespace) -> int:
 
     changes = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
     config = preset(args.preset).replace(**changes)
-    check_run_dir(args.out)  # before any feature is computed
+    shard = init_from_env(args.device, args.dist_backend, args.dist_timeout)  # one shard without torchrun
+    if shard.main:
+        check_run_dir(args.out)  # before any feature is computed
     # a resumed run, or one initialised from a checkpoint, adopts that checkpoint's features
     adopted = args.out / "last.pt" if args.resume and (args.out / "last.pt").is_file() else args.init_from
     features = feature_options(args, checkpoint_feature_spec(adopted) if adopted else None)
     common = dict(cache_dir=args.cache, captions_per_image=args.captions_per_image,
                   progress=not args.no_progress, **features)
-    train_set = open_dataset(args.dataset, args.train_split, mirror=config.mirror_images, **common)
-    dev_set = open_dataset(args.dataset, args.val_split, **common)
-    trainer = Trainer(config, train_set, dev_set, args.out, device=args.device, resume=args.resume,
-                      init_from=args.init_from, progress=not args.no_progress)
+    common["progress"] = common["progress"] and shard.main
+    train_set, dev_set = shard.main_first(lambda: (
+        open_dataset(args.dataset, args.train_split, mirror=config.mirror_images, **common),
+        open_dataset(args.dataset, args.val_split, **common)))
+    trainer = Trainer(config, train_set, dev_set, args.out, device=shard.device_for(args.device), resume=args.resume,
+                      init_from=args.init_from, progress=not args.no_progress, shard=shard)
     summary = trainer.run()
+    if not shard.main:
+        return 0
     best = summary["best_epoch"]
     if best is None:  # TrainConfig guarantees a candidate epoch; this is a damaged run directory
         raise MmcaError(f"{args.out} holds no best.pt matching its log", "start the run in a new --out directory")

@@ -89,6 +89,12 @@ def list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"image folder not found: {folder}", "pass a folder that holds .jpg/.png images")
     paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    for p in paths:
+        try:
+            p.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{folder}: a file name is not valid UTF-8 ({p.name.encode('utf-8', 'surrogateescape')!r})",
+                            "rename the file (the index stores names as text)") from None
     if not paths:
         raise DataError(f"no images (*{', *'.join(IMAGE_SUFFIXES)}) in {folder}",
                         "pass a folder that holds image files")
@@ -381,7 +387,12 @@ class IndexWriter:
     def add_gallery_roots(self, roots: Sequence[Path]) -> None:
         """Record more places images may be served from (in this writer's transaction)."""
         row = self.con.execute("SELECT value FROM meta WHERE key = 'gallery_roots'").fetchone()
-        have = json.loads(row[0]) if row else []
+        if row:
+            have = json.loads(row[0])
+        else:  # an index from before roots were recorded: its source folder first
+            src = self.con.execute("SELECT value FROM meta WHERE key = 'source'").fetchone()
+            root = (json.loads(src[0]) or {}).get("root") if src else None
+            have = [root] if root else []
         merged = have + [str(r) for r in roots if str(r) not in have]
         self.con.execute("INSERT OR REPLACE INTO meta VALUES ('gallery_roots', ?)", (json.dumps(merged),))
 

@@ -39,8 +39,8 @@ MAX_QUERY_CHARS = 1000
 MAX_K = 100
 MAX_SIDE = 12000
 MAX_PIXELS = 50_000_000
-IMAGE_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp",
-               "GIF": "image/gif"}
+IMAGE_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
+               "BMP": "image/bmp", "GIF": "image/gif"}  # MPO: phones' multi-picture JPEGs
 IMAGE_FORMATS = tuple(IMAGE_TYPES)
 MAX_SERVED_BYTES = 64 * 1024 * 1024
 MAX_UPLOAD_BYTES = 16 * 1024 * 1024
@@ -275,8 +275,8 @@ class Searcher:
         image_id = self.check_image_id(image_id)
         p = self.index.image_paths[image_id]
         try:
-            real = Path(p).resolve(strict=True) if p is not None else None
-        except (OSError, RuntimeError):
+            real = Path(p).resolve(strict=True) if isinstance(p, str) else None
+        except (OSError, RuntimeError, ValueError):  # missing, a symlink loop, a NUL byte
             real = None
         if real is None or not real.is_file():
             raise QueryError(f"the file of image {image_id} is not available", status=404)

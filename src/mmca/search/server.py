@@ -14,6 +14,7 @@ content type of the decoded file.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from importlib import resources
 from typing import Any
@@ -33,6 +34,8 @@ STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; ch
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
+    "Cross-Origin-Resource-Policy": "same-origin",  # no <img src> of the user's photos on other sites
+    "Cross-Origin-Opener-Policy": "same-origin",
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
                                "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
     "Referrer-Policy": "no-referrer",
@@ -48,8 +51,8 @@ def _host_name(value: str) -> str:
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
-def _error(status: int, message: str, hint: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "hint": hint}, status_code=status)
+def _error(status: int, message: str, hint: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "hint": hint}, status_code=status, headers=headers)
 
 
 def _static(name: str) -> bytes:
@@ -83,18 +86,33 @@ def _is_number(text: str, digits: int) -> bool:
     return 0 < len(text) <= digits and text.isascii() and text.isdigit()
 
 
-def _same_origin(request: Request, allowed: set[str], open_binding: bool) -> bool:
-    """False when the browser says the request comes from another site."""
-    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
         return False
+    return True
+
+
+def _same_origin(request: Request) -> bool:
+    """False when the browser says the request comes from another origin (Fetch Metadata; the
+    Origin header, compared whole: scheme, host and port). A top-level navigation to the page
+    is allowed from anywhere (following a link), nothing else."""
+    site = request.headers.get("sec-fetch-site")
+    if site not in (None, "same-origin", "none"):
+        return request.method == "GET" and request.url.path == "/" and \
+            request.headers.get("sec-fetch-mode") == "navigate"
     origin = request.headers.get("origin")
     if origin is None:
-        return True  # not a browser's cross-origin request (curl, the tests)
-    if origin == "null":
+        return True  # no Origin: not a browser's cross-origin request (curl, the tests, a plain GET)
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
         return False
-    if open_binding:
-        return _host_name(urlsplit(origin).netloc) == _host_name(request.headers.get("host", ""))
-    return _host_name(urlsplit(origin).netloc) in allowed
+    host = request.headers.get("host", "")
+    want = urlsplit(f"http://{host}")
+    return parts.scheme == "http" and parts.hostname == want.hostname and (port or 80) == (want.port or 80)
 
 
 def _bounded(request: Request, limit: int) -> Request:
@@ -120,19 +138,24 @@ def _stats(stats) -> dict[str, Any]:
 
 def create_app(searcher: Searcher, host: str = "127.0.0.1") -> FastAPI:
     """`host`: the address the server binds to. On a loopback address only local Host names
-    are accepted; bound elsewhere (the user chose to expose it), that address is accepted too."""
+    are accepted; bound to another address, that address too; bound to all interfaces (0.0.0.0,
+    ::), any IP literal, but never a domain name (DNS rebinding always uses a name)."""
     app = FastAPI(title="mmca search", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.searcher = searcher
-    allowed = set(LOCAL_HOSTS) | ({host.lower()} if host not in ("0.0.0.0", "::") else set())
     open_binding = host in ("0.0.0.0", "::")
+    allowed = set(LOCAL_HOSTS) | ({host.lower()} if not open_binding else set())
+
+    def host_ok(name: str) -> bool:
+        return name in allowed or (open_binding and _is_ip(name))
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         name = _host_name(request.headers.get("host", ""))
-        if not open_binding and name not in allowed:
-            response = _error(421, f"this server answers to {', '.join(sorted(allowed))} only, not {name!r}",
+        if not host_ok(name):
+            response = _error(421, f"this server answers to {', '.join(sorted(allowed))}"
+                              f"{' or an IP address' if open_binding else ''} only, not {name!r}",
                               "open the page at http://127.0.0.1:PORT/")
-        elif request.method not in ("GET", "HEAD") and not _same_origin(request, allowed, open_binding):
+        elif not _same_origin(request):
             response = _error(403, "cross-site requests are refused", "use the page served by mmca itself")
         else:
             response = await call_next(request)
@@ -157,7 +180,7 @@ def create_app(searcher: Searcher, host: str = "127.0.0.1") -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, err: Exception):  # a bug, not bad input: still JSON
-        return _error(500, f"internal error ({type(err).__name__})")
+        return _error(500, f"internal error ({type(err).__name__})", headers=SECURITY_HEADERS)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
