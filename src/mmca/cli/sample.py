@@ -10,6 +10,8 @@ from pathlib import Path
 
 from mmca.cli.features import add_feature_arguments, feature_options
 from mmca.config import PRESETS, preset
+from mmca.dist import add_arguments as add_dist_arguments
+from mmca.dist import init_from_env
 
 NAME = "sample"
 HELP = "the end-to-end job: prepare, train MMCA and the α = 0 ablation, evaluate, compare"
@@ -43,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", type=Path, help="feature cache directory (default: ~/.cache/mmca)")
     add_feature_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    add_dist_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,29 +61,38 @@ def run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         config = config.replace(seed=args.seed)
     features = feature_options(args)
-    train_set = open_dataset(args.dataset, args.train_split, cache_dir=args.cache, progress=progress,
-                             mirror=config.mirror_images, **features)
-    dev_set = open_dataset(args.dataset, args.val_split, cache_dir=args.cache, progress=progress, **features)
+    shard = init_from_env(args.device, args.dist_backend, args.dist_timeout)  # one shard without torchrun
+    say = print if shard.main else (lambda *a, **k: None)
+    progress = progress and shard.main
+    train_set, dev_set = shard.main_first(lambda: (  # rank 0 fills the feature cache first
+        open_dataset(args.dataset, args.train_split, cache_dir=args.cache, progress=progress,
+                     mirror=config.mirror_images, **features),
+        open_dataset(args.dataset, args.val_split, cache_dir=args.cache, progress=progress, **features)))
     for ds in (train_set, dev_set):
-        print("  ".join(f"{k}: {v}" for k, v in ds.summary().items()))
+        say("  ".join(f"{k}: {v}" for k, v in ds.summary().items()))
 
     runs = {"α = 0 ablation": (args.out / "alpha0", prefix_config(config)), "MMCA": (args.out / "mmca", config)}
     staged = config.cross_from_epoch if config.model.alpha else 0
     branch = args.out / "alpha0" / f"prefix-epoch{staged}.pt"  # the ablation's state after the shared epochs
     rows, timings = {}, {}
     for name, (out, cfg) in runs.items():
-        print(f"\n== {name}: {cfg.epochs} epochs, preset {args.preset} -> {out}")
+        say(f"\n== {name}: {cfg.epochs} epochs, preset {args.preset} -> {out}")
         t0 = time.perf_counter()
-        trainer = Trainer(cfg, train_set, dev_set, out, device=args.device, resume=True, progress=progress,
-                          branch_from=branch if cfg is config and branch.exists() else None)
+        trainer = Trainer(cfg, train_set, dev_set, out, device=shard.device_for(args.device), resume=True,
+                          progress=progress, branch_from=branch if cfg is config and branch.exists() else None,
+                          shard=shard)
         if cfg is not config and staged:
             trainer.run(until_epoch=staged)
-            if trainer.state.epoch == staged and not branch.exists():
+            if shard.main and trainer.state.epoch == staged and not branch.exists():
                 atomic_write(branch, lambda f, src=trainer.last_path: f.write(src.read_bytes()))
+            shard.barrier()  # the branch point exists before any rank looks for it
         trainer.run()
+        shard.barrier()  # rank 0 has written best.pt
         timings[name] = round(time.perf_counter() - t0, 1)
         best = read_checkpoint(out / "best.pt")
         rows[f"{name} (epoch {best['epoch']})"] = best["metrics"]
+    if not shard.main:
+        return 0
     ours = {f"{k} [{dev_set.name} {dev_set.split}]": v for k, v in rows.items()}
     table = format_table({**ours, "paper, Flickr30K 1K": PAPER_RESULTS["Flickr30K 1K"]})
     total = time.perf_counter() - started

@@ -71,6 +71,10 @@ def check_run_dir(out: Path) -> None:
                         "choose a directory you can write, or fix its permissions") from err
 
 
+# --hidden first: torchrun's own parser takes `--d` for an abbreviation of its --duplicate-* options
+ALIASES = {"--d": ("--hidden", "--d")}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", type=Path, metavar="DATASET_DIR")
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="training recipe (default: cpu)")
@@ -88,7 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("preset overrides")
     for name, kind in OVERRIDES.items():
         flag = "--" + (name[6:] if name.startswith("model_") else name).replace("_", "-")
-        group.add_argument(flag, dest=name, type=kind, default=None)
+        group.add_argument(*ALIASES.get(flag, (flag,)), dest=name, type=kind, default=None)
 
 
 def run(args: argparse.Namespace) -> int:
