@@ -146,6 +146,7 @@ class Searcher:
         self.caption_bank = self.engine.text_bank(tokens) if tokens is not None else None
         self._backbone = None
         self.lock = threading.RLock()
+        self.decoding = threading.BoundedSemaphore(2)
 
     # ---- helpers -----------------------------------------------------------------------
     @property
@@ -243,10 +244,15 @@ class Searcher:
             return res, stats
 
     def search_image_bytes(self, data: bytes, k: int = 10):
-        return self.search_image_array(decode_image(data), k)
+        with self.decoding:  # at most two uploads decoded at once: each may take ~MAX_PIXELS x 4 bytes
+            photo = decode_image(data)
+        return self.search_image_array(photo, k)
 
     def search_image_file(self, path: str | Path, k: int = 10):
         path = Path(path)
+        if path.is_dir():
+            raise DataError(f"{path} is a directory, not an image file",
+                            "pass one image file (to index a folder: `mmca index --images FOLDER`)")
         if not path.is_file():
             raise DataError(f"image not found: {path}", "pass the path of an image file")
         try:
