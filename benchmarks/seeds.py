@@ -1,0 +1,74 @@
+"""The full model against its equal-budget α = 0 ablation over several seeds (docs/results.md,
+"Over seeds"): `mmca sample --preset P --seed S` for each seed (finished runs are reused,
+interrupted ones resume), then mean ± sample standard deviation of dev rsum and both R@1 for each
+model, and of the paired difference (same seed: same initialisation, data order and views).
+
+    python benchmarks/seeds.py ../shared/data/flickr8k --preset cpu --seeds 0 1 2 --out runs/seeds
+    python benchmarks/seeds.py --report runs/seeds/seed0 runs/seeds/seed1 ...   # table only
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+KEYS = ("rsum", "i2t_r1", "t2i_r1")
+MODELS = {"α = 0 ablation": "alpha0", "MMCA": "mmca"}
+
+
+def best_metrics(run: Path) -> dict[str, dict[str, float]]:
+    from mmca.checkpoint import read_checkpoint
+
+    out = {}
+    for name, sub in MODELS.items():
+        payload = read_checkpoint(run / sub / "best.pt")
+        out[name] = {"epoch": payload["epoch"], **{k: float(payload["metrics"][k]) for k in KEYS}}
+    return out
+
+
+def mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+
+
+def report(runs: list[Path]) -> str:
+    rows = {run.name: best_metrics(run) for run in runs}
+    lines = ["| run | model | best epoch | rsum | i2t R@1 | t2i R@1 |", "|---|---|---|---|---|---|"]
+    for run, models in rows.items():
+        for name, m in models.items():
+            lines.append(f"| {run} | {name} | {m['epoch']} | " + " | ".join(f"{m[k]:.1f}" for k in KEYS) + " |")
+    for name in MODELS:
+        lines.append(f"| **mean ± sd** | {name} | | "
+                     + " | ".join(mean_sd([r[name][k] for r in rows.values()]) for k in KEYS) + " |")
+    diffs = {k: [r["MMCA"][k] - r["α = 0 ablation"][k] for r in rows.values()] for k in KEYS}
+    lines.append("| **paired difference** | MMCA − ablation | | " + " | ".join(mean_sd(diffs[k]) for k in KEYS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", nargs="?", type=Path)
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--out", type=Path, default=Path("runs/seeds"))
+    p.add_argument("--report", nargs="+", type=Path, metavar="RUN", help="only print the table of these runs")
+    args = p.parse_args(argv)
+    runs = args.report
+    if runs is None:
+        if args.dataset is None:
+            p.error("give DATASET_DIR (or --report RUN...)")
+        runs = []
+        for seed in args.seeds:
+            out = args.out / f"seed{seed}"
+            subprocess.run([sys.executable, "-m", "mmca", "sample", str(args.dataset), "--preset", args.preset,
+                            "--seed", str(seed), "--out", str(out), "--no-progress"], check=True)
+            runs.append(out)
+    print(report(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
