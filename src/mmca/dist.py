@@ -95,6 +95,12 @@ class Shard:
             dist.all_reduce(x, op=dist.ReduceOp.SUM)
         return x
 
+    def max(self, x: torch.Tensor) -> torch.Tensor:
+        """The element-wise maximum of `x` over ranks (in place)."""
+        if self.world > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        return x
+
     def join(self, part: torch.Tensor, n: int) -> torch.Tensor:
         """Every rank's `part` (its span of a length-n first axis) put together in order."""
         if self.world == 1:

@@ -3,10 +3,11 @@ the loss value and the gradient of one process training on the whole batch.
 
 Each rank encodes its contiguous share of the batch. The per-item encodings (R, i0, E', c0) are
 gathered across ranks with autograd (`_AllGather`: its backward returns each rank the summed
-gradient of its own rows), so every rank holds the whole batch: it mines
-the pairs that carry a gradient over the full B x B matrix (no grad, the engine's pruned pass;
-the same pairs on every rank, since the gathered floats are the same), recomputes with grad only
-its share of those pairs, and gathers the recomputed scores, again with autograd. Every rank then
+gradient of its own rows), so every rank holds the whole batch. Each rank mines
+its strip of rows of the B x B matrix (no grad, the engine's pruned pass), the strips are
+combined by an element-wise max, and every rank picks the same pairs that carry a gradient from
+the whole matrix (row and column hardest negatives); it recomputes with grad only its share of
+those pairs, and gathers the recomputed scores, again with autograd. Every rank then
 computes the same loss L over the whole batch.
 
 Scale: each rank back-propagates the same L, so the gathers' backward hands every item's owner
@@ -76,7 +77,7 @@ def global_mined_loss(model, regions, tokens, mask, shard: Shard, batch_size: in
         return gather_rows(part, shares(len(a), shard))
 
     return loss_from_encodings(model, r, i0, e, c0, mask, margin, same_image, kind, precision,
-                               stats=stats, recompute=recompute)
+                               stats=stats, recompute=recompute, shard=shard)
 
 
 def average_gradients(params, shard: Shard) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from mmca.dist import Shard
 from mmca.engine.bank import (bucketed_text_bank, image_bank_from_encoded, pad_tokens,
                               text_bucket_from_encoded)
 from mmca.engine.scoring import ScoringEngine, inference_mode
@@ -82,17 +83,20 @@ def _batch_banks(engine: ScoringEngine, r, i0, e, c0, mask):
 
 @torch.no_grad()
 def mine_pairs(engine: ScoringEngine, images, texts, margin: float, same_image=None,
-               kind: str = "max", tie_tol: float | None = None):
+               kind: str = "max", tie_tol: float | None = None, shard: Shard = Shard()):
     """No-grad pass: -> (pairs (a, b) to recompute incl. the positives, pair passes used).
     kind "max": each row's and column's hardest violating negatives; "sum": every violating
-    negative."""
+    negative. With a `shard`, each rank scores the candidates of its strip of rows and the
+    strips are combined (an element-wise max of -inf-filled matrices): every rank then picks
+    the same pairs from the whole matrix."""
     bsz = len(images)
     dev = engine.device
     start = engine.pair_passes
     eye = torch.eye(bsz, dtype=torch.bool, device=dev)
     neg = ~eye if same_image is None else ~(eye | same_image.to(dev))
     ar = torch.arange(bsz, device=dev)
-    pos = engine.pair_scores(images, texts, ar, ar)
+    first, last = shard.span(bsz)  # this rank's strip of rows (all of them in one process)
+    pos = shard.join(engine.pair_scores(images, texts, ar[first:last], ar[first:last]), bsz)
     g = images.i0 @ texts.c0.T
     lo, hi = g - engine.slack, g + engine.slack
     ninf = torch.tensor(float("-inf"), device=dev)
@@ -101,11 +105,12 @@ def mine_pairs(engine: ScoringEngine, images, texts, margin: float, same_image=N
     if kind == "max":  # ... and may be its hardest negative
         need_row &= hi >= torch.where(neg, lo, ninf).amax(1, keepdim=True)
         need_col &= hi >= torch.where(neg, lo, ninf).amax(0, keepdim=True)
-    ii, jj = (neg & (need_row | need_col)).nonzero(as_tuple=True)
+    ii, jj = (neg & (need_row | need_col))[first:last].nonzero(as_tuple=True)
+    ii = ii + first
     s = torch.full((bsz, bsz), float("-inf"), device=dev)
     if len(ii):
         s[ii, jj] = engine.pair_scores(images, texts, ii, jj)
-    s = torch.where(neg, s, ninf)
+    s = torch.where(neg, shard.max(s), ninf)  # every rank's strip: the whole matrix, everywhere
     if tie_tol is None:
         tie_tol = 1e-5 if engine.dtype == torch.float32 else 5e-2
     if kind == "max":  # the best negative violates, and s is within tie_tol of it
@@ -138,7 +143,7 @@ def mined_loss(model, regions, tokens, mask, margin: float = 0.2, same_image=Non
 
 def loss_from_encodings(model, r, i0, e, c0, mask, margin: float = 0.2, same_image=None, kind: str = "max",
                         precision: str = "fp32", block_pairs: int | None = None, stats: dict | None = None,
-                        recompute=_pair_scores_grad) -> torch.Tensor:
+                        recompute=_pair_scores_grad, shard: Shard = Shard()) -> torch.Tensor:
     """`mined_loss` from the batch's encodings (R, i0, E', c0: all B items, with grad).
     `recompute(model, r, i0, e, c0, mask, a, b)` gives the differentiable S of the mined pairs
     (a, b) (a data-parallel run splits them over its ranks: `mmca.engine.global_batch`)."""
@@ -155,7 +160,7 @@ def loss_from_encodings(model, r, i0, e, c0, mask, margin: float = 0.2, same_ima
                            check_weights=False, fixed_shape=False)
     with inference_mode(model):
         images, texts = _batch_banks(engine, r, i0, e, c0, mask)
-        a, b, passes = mine_pairs(engine, images, texts, margin, same_image, kind)
+        a, b, passes = mine_pairs(engine, images, texts, margin, same_image, kind, shard=shard)
     bsz = len(r)
     scores = recompute(model, r, i0, e, c0, mask, a, b)
     full = torch.full((bsz, bsz), float("-inf"), device=scores.device, dtype=scores.dtype)
