@@ -5,11 +5,13 @@ model, and of the paired difference (same seed: same initialisation, data order 
 
     python benchmarks/seeds.py ../shared/data/flickr8k --preset cpu --seeds 0 1 2 --out runs/seeds
     python benchmarks/seeds.py --report runs/seeds/seed0 runs/seeds/seed1 ...   # table only
+    python benchmarks/seeds.py --report ... --until-epoch 6   # as if stopped after epoch 6
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import statistics
 import subprocess
 import sys
@@ -19,13 +21,25 @@ KEYS = ("rsum", "i2t_r1", "t2i_r1")
 MODELS = {"α = 0 ablation": "alpha0", "MMCA": "mmca"}
 
 
-def best_metrics(run: Path) -> dict[str, dict[str, float]]:
+def best_metrics(run: Path, until: int | None = None) -> dict[str, dict[str, float]]:
+    """Each model's best epoch (best.pt), or, with `until`, the best epoch among the first
+    `until` of its log whose model best.pt could hold (the full model's: α > 0), i.e. the run
+    as if stopped there (the cpu schedule stopped at epoch 6 is the `sample` preset)."""
     from mmca.checkpoint import read_checkpoint
 
     out = {}
     for name, sub in MODELS.items():
-        payload = read_checkpoint(run / sub / "best.pt")
-        out[name] = {"epoch": payload["epoch"], **{k: float(payload["metrics"][k]) for k in KEYS}}
+        if until is None:
+            payload = read_checkpoint(run / sub / "best.pt")
+            out[name] = {"epoch": payload["epoch"], **{k: float(payload["metrics"][k]) for k in KEYS}}
+            continue
+        with open(run / sub / "log.csv", encoding="utf-8") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= until]
+        if len(rows) < until:
+            raise SystemExit(f"{run / sub} has {len(rows)} epochs logged, not {until}")
+        full = [r for r in rows if name != "MMCA" or float(r["alpha"]) > 0]
+        best = max(full, key=lambda r: float(r["rsum"]))
+        out[name] = {"epoch": int(best["epoch"]), **{k: float(best[k]) for k in KEYS}}
     return out
 
 
@@ -34,8 +48,8 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {sd:.1f}"
 
 
-def report(runs: list[Path]) -> str:
-    rows = {run.name: best_metrics(run) for run in runs}
+def report(runs: list[Path], until: int | None = None) -> str:
+    rows = {run.name: best_metrics(run, until) for run in runs}
     lines = ["| run | model | best epoch | rsum | i2t R@1 | t2i R@1 |", "|---|---|---|---|---|---|"]
     for run, models in rows.items():
         for name, m in models.items():
@@ -55,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=Path("runs/seeds"))
     p.add_argument("--report", nargs="+", type=Path, metavar="RUN", help="only print the table of these runs")
+    p.add_argument("--until-epoch", type=int, metavar="N",
+                   help="report the runs as if stopped after epoch N (from their logs)")
     args = p.parse_args(argv)
     runs = args.report
     if runs is None:
@@ -66,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([sys.executable, "-m", "mmca", "sample", str(args.dataset), "--preset", args.preset,
                             "--seed", str(seed), "--out", str(out), "--no-progress"], check=True)
             runs.append(out)
-    print(report(runs))
+    print(report(runs, args.until_epoch))
     return 0
 
 
