@@ -54,6 +54,25 @@ def init_from_env(device: str | None = None, backend: str | None = None,
     return Shard(dist.get_rank(), dist.get_world_size(), f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
 
 
+def shutdown(completed: bool) -> bool:
+    """Leave the process group, if this process joined one. After a completed job the ranks
+    first meet at a barrier, so no rank tears down its gloo connections while another is still
+    using them (a rank that exits first can abort the other with "terminate called without an
+    active exception"); after a failure the group is torn down at once (the others' collectives
+    then fail, or time out, instead of hanging). False when the final barrier failed: another
+    rank did not complete."""
+    if not dist.is_initialized():
+        return True
+    try:
+        if completed:
+            dist.barrier()
+        return True
+    except (RuntimeError, dist.DistError):
+        return False
+    finally:
+        dist.destroy_process_group()
+
+
 @dataclass(frozen=True)
 class Shard:
     """This rank's share of a job: contiguous spans of queries, and the collectives that put

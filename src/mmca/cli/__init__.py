@@ -46,6 +46,21 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _warning_line  # one readable line, not a source location
+    status = 1
+    try:
+        status = _run(args)
+    finally:
+        if "mmca.dist" in sys.modules:  # only a command that can run under torchrun joins a group
+            from mmca.dist import shutdown
+
+            if not shutdown(completed=status == 0):
+                print(f"mmca {args.command}: error: another rank failed; see its message above", file=sys.stderr)
+                status = status or 1
+    return status
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's exit status: its own, 2 for bad input, 130 when interrupted, 1 for a bug."""
     try:
         return int(args._run(args) or 0)
     except MmcaError as err:
