@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 NAME = "bench"
-HELP = "benchmark the scoring engine against the plain per-pair path"
+HELP = "benchmark the scoring engine against the plain per-pair path (--distributed: ranks vs one process)"
 DESCRIPTION = """\
 Measures, in one run on the same random inputs (d 256, 16 heads, 36 regions, ~16 tokens):
   (a) exhaustive scoring pairs/s, engine fp32 and bf16 vs the plain per-pair path;
@@ -11,7 +11,11 @@ Measures, in one run on the same random inputs (d 256, 16 heads, 36 regions, ~16
   (c) exact pruned vs exhaustive ranks: pair-pass fraction, identical R@1/5/10
       (--checkpoint and --dataset run it on a trained model and real features);
   (d) peak memory on a 5,000 x 25,000 random gallery (time-limited portion; --skip-big).
-Results: docs/benchmarks.md, section "Scoring engine"."""
+--distributed instead compares data parallelism on torch.distributed with one process: one
+training step at --batch and one exact evaluation, 1 process x T threads against --ranks
+ranks x T/ranks threads, with the share of time inside collectives. Under
+`torchrun --nproc-per-node N -m mmca bench` the same measurement runs on the ranks given.
+Results: docs/benchmarks.md, sections "Scoring engine" and "Distributed"."""
 
 
 def add_arguments(parser) -> None:

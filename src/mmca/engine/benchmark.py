@@ -356,7 +356,8 @@ def main_memory(argv) -> None:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--d", type=int, default=256)
+    # --hidden first: torchrun's own parser takes `--d` for an abbreviation of its --duplicate-* options
+    parser.add_argument("--hidden", "--d", dest="d", type=int, default=256, help="hidden size d")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--regions", type=int, default=36)
     parser.add_argument("--img-dim", type=int, default=1280)
@@ -381,14 +382,26 @@ def add_arguments(parser) -> None:
     parser.add_argument("--skip-big", action="store_true", help="skip (d)")
     parser.add_argument("--only", default="abcd", help="subset of the parts to run, e.g. 'ac'")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    from mmca.dist import add_arguments as add_dist_arguments
+    from mmca.engine.dist_benchmark import add_arguments as add_dist_benchmark_arguments
+    add_dist_benchmark_arguments(parser)
+    add_dist_arguments(parser)
 
 
 def run(args) -> int:
-    lines = []
+    from mmca.dist import launched
+    from mmca.engine import dist_benchmark
 
     def log(msg):
         print(msg, flush=True)
-        lines.append(msg)
+
+    if args.distributed_side or launched():  # one side of --distributed, or under torchrun
+        result = dist_benchmark.run_side(args, log)
+        _write_json(args.json, result)
+        return 0
+    if args.distributed:
+        _write_json(args.json, dist_benchmark.compare(args, log))
+        return 0
 
     torch.manual_seed(0)
     config = ModelConfig(img_dim=args.img_dim, txt_dim=args.txt_dim, d=args.d, heads=args.heads,
@@ -415,10 +428,14 @@ def run(args) -> int:
         results["ranks"] = bench_ranks(rank_model, args, log, spec)
     if "d" in args.only and not args.skip_big:
         results["memory"] = bench_memory(args, log)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, default=str)
+    _write_json(args.json, results)
     return 0
+
+
+def _write_json(path: str | None, results: dict | None) -> None:
+    if path and results is not None:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2, default=str)
 
 
 __all__ = ["add_arguments", "run"]

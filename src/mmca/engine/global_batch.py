@@ -33,7 +33,7 @@ class _AllGather(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.rank, ctx.rows = dist.get_rank(), len(x)
         out = x.new_empty((dist.get_world_size() * len(x), *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous())
+        dist.all_gather_single(out, x.contiguous())
         return out
 
     @staticmethod

@@ -1,0 +1,254 @@
+"""`mmca bench --distributed`: data parallelism on `torch.distributed` against one process, in one run.
+
+The same work twice, on the same inputs and the same cores: one training step of the full model
+on a global batch (forward, mining, recompute, backward, gradient all-reduce, Adam) and one exact
+evaluation of a gallery, first by 1 process with every thread, then by W ranks (`torchrun`, gloo
+on CPU, NCCL on CUDA) sharing those threads. Each rank times the collectives it calls; the table
+gives each side's seconds, the ratio, and the share of the W-rank time spent inside collectives
+(waiting for a slower rank included: that is what a collective costs the job).
+
+Under `torchrun ... -m mmca bench` the worker runs directly with the ranks torchrun gave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from statistics import median
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mmca.config import ModelConfig
+from mmca.data.dataset import RetrievalDataset, TokenFeatures
+from mmca.dist import Shard, init_from_env
+from mmca.engine.benchmark import RandomImages, RandomTokens
+from mmca.engine.global_batch import average_gradients, global_mined_loss
+from mmca.engine.mining import mined_loss
+from mmca.errors import MmcaError
+from mmca.model import MMCA
+
+COLLECTIVES = ("all_reduce", "all_gather_single", "all_gather", "broadcast", "barrier")
+
+
+class CollectiveClock:
+    """Wall time spent inside torch.distributed's collectives while `timing()` is active (on CUDA
+    each call is synchronised first and last, so the time is the collective's, not its launch's)."""
+
+    def __init__(self, device: torch.device):
+        self.seconds, self.calls, self.cuda = 0.0, 0, device.type == "cuda"
+
+    @contextmanager
+    def timing(self):
+        originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+        def timed(fn):
+            def call(*args, **kwargs):
+                self._sync()
+                t = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self._sync()
+                    self.seconds += time.perf_counter() - t
+                    self.calls += 1
+            return call
+
+        for name, fn in originals.items():
+            setattr(dist, name, timed(fn))
+        try:
+            yield self
+        finally:
+            for name, fn in originals.items():
+                setattr(dist, name, fn)
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def random_gallery(images: int, dim_img: int, dim_txt: int, regions: int, per: int = 5) -> RetrievalDataset:
+    """A gallery of random features with realistic caption lengths (the benchmark's default)."""
+    feats = RandomImages(images, regions, dim_img, seed=41).image_batch(np.arange(images)).numpy()
+    texts = RandomTokens(images * per, dim_txt, seed=42)
+    offsets = np.concatenate([[0], np.cumsum(texts.lengths)]).astype(np.int64)
+    states = torch.randn(int(offsets[-1]), dim_txt, generator=torch.Generator().manual_seed(43)).half().numpy()
+    return RetrievalDataset(name="random", split="gallery", image_ids=[str(i) for i in range(images)],
+                            captions=[""] * (images * per), caption_image=np.repeat(np.arange(images), per),
+                            captions_per_image=per, image_features=feats,
+                            token_features=TokenFeatures(states, offsets))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_training_step(config: ModelConfig, args, shard: Shard, device: torch.device) -> dict:
+    """Seconds of one optimizer step on a global batch of args.batch (median of args.steps after
+    a warm-up step) and the seconds inside collectives per step."""
+    bsz = args.batch
+    regions = RandomImages(bsz, args.regions, config.img_dim, seed=21).image_batch(np.arange(bsz))
+    tokens, mask = RandomTokens(bsz, config.txt_dim, seed=22).batch(np.arange(bsz))
+    s, e = shard.span(bsz)
+    same_image = torch.eye(bsz, dtype=torch.bool, device=device)
+    torch.manual_seed(0)
+    model = MMCA(config).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-4)
+    clock = CollectiveClock(device)
+    times, comm = [], []
+    for step in range(args.steps + 1):
+        before = clock.seconds
+        _synchronize(device)
+        t = time.perf_counter()
+        with clock.timing():
+            if shard.world == 1:
+                loss = mined_loss(model, regions.to(device), tokens.to(device), mask.to(device),
+                                  same_image=same_image, precision="fp32")
+            else:
+                loss = global_mined_loss(model, regions[s:e].to(device), tokens[s:e].to(device),
+                                         mask[s:e].to(device), shard, bsz, same_image=same_image,
+                                         precision="fp32")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            average_gradients(model.parameters(), shard)
+            opt.step()
+        _synchronize(device)
+        if step:  # the first step is a warm-up
+            times.append(time.perf_counter() - t)
+            comm.append(clock.seconds - before)
+    return {"seconds": median(times), "collective_seconds": median(comm), "loss": float(loss.detach())}
+
+
+def time_evaluation(args, shard: Shard, device: torch.device) -> dict:
+    """Seconds of one exact evaluation (full protocol) of the gallery, and inside collectives."""
+    from mmca.evaluate import Protocol, evaluate
+
+    if args.checkpoint and args.dataset:
+        from mmca.checkpoint import load_model_and_spec
+        from mmca.features.prepare import open_dataset
+        from mmca.features.spec import extraction_options
+        model, spec, _ = load_model_and_spec(args.checkpoint, device=device)
+        gallery = shard.main_first(lambda: open_dataset(args.dataset, args.split, progress=False,
+                                                        **extraction_options(spec)))
+        spec.require_match(gallery.spec, args.checkpoint, f"{args.dataset} {args.split}")
+    else:
+        torch.manual_seed(0)
+        model = MMCA(ModelConfig(img_dim=args.img_dim, txt_dim=args.txt_dim, d=args.d, heads=args.heads,
+                                 dropout=0.0)).to(device)
+        gallery = random_gallery(args.rank_images, args.img_dim, args.txt_dim, args.regions)
+    model.eval()
+    whole = Protocol("full", "the whole gallery", images=gallery.num_images)
+    clock = CollectiveClock(device)
+    t = time.perf_counter()
+    with clock.timing():
+        result = evaluate(model, gallery, whole, mode="exact", device=device, precision="fp32", shard=shard)
+    return {"seconds": time.perf_counter() - t, "collective_seconds": clock.seconds,
+            "gallery": f"{gallery.num_images} x {gallery.num_captions} ({gallery.name} {gallery.split})",
+            "rsum": result.metrics["rsum"], "pair_fraction": result.pair_fraction}
+
+
+def worker(args) -> dict | None:
+    """One side of the comparison (this process as one of the ranks torchrun started, or alone).
+    Returns the result on rank 0 (every rank's collective seconds, the slowest rank's step)."""
+    shard = init_from_env(args.device, args.dist_backend, args.dist_timeout)
+    device = torch.device(shard.device_for(args.device))
+    config = ModelConfig(img_dim=args.img_dim, txt_dim=args.txt_dim, d=args.d, heads=args.heads, dropout=0.0)
+    mine = {"train_step": time_training_step(config, args, shard, device),
+            "evaluation": time_evaluation(args, shard, device), "threads": torch.get_num_threads()}
+    ranks = [mine]
+    if shard.world > 1:
+        ranks = [None] * shard.world
+        dist.all_gather_object(ranks, mine)
+    if not shard.main:
+        return None
+    out = {"ranks": shard.world, "threads_per_rank": mine["threads"], "device": str(device),
+           "backend": dist.get_backend() if shard.world > 1 else None}
+    for part in ("train_step", "evaluation"):
+        out[part] = {**{k: v for k, v in ranks[0][part].items() if k != "collective_seconds"},
+                     "seconds": max(r[part]["seconds"] for r in ranks),
+                     "collective_seconds_per_rank": [round(r[part]["collective_seconds"], 4) for r in ranks]}
+    return out
+
+
+def _side(args, ranks: int, threads: int, out_path: str) -> dict:
+    """Run one side in fresh processes (its own thread count, its own process group)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    launcher = [sys.executable] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    argv = [*launcher, "-m", "mmca", "bench", "--distributed-side", out_path, *_forwarded(args)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise MmcaError(f"the {ranks}-process side of the benchmark failed:\n{done.stderr[-2000:]}",
+                        "run that side alone (`torchrun --nproc-per-node N -m mmca bench --distributed-side "
+                        "OUT.json ...`) to see its full output")
+    with open(out_path) as f:
+        return json.load(f)
+
+
+def _forwarded(args) -> list[str]:
+    flags = {"--device": args.device, "--hidden": args.d, "--heads": args.heads, "--regions": args.regions,
+             "--img-dim": args.img_dim, "--txt-dim": args.txt_dim, "--batch": args.batch,
+             "--steps": args.steps, "--rank-images": args.rank_images, "--split": args.split,
+             "--checkpoint": args.checkpoint, "--dataset": args.dataset, "--dist-timeout": args.dist_timeout,
+             "--dist-backend": args.dist_backend}
+    return [str(x) for k, v in flags.items() if v is not None for x in (k, v)]
+
+
+def compare(args, log) -> dict:
+    """1 process × T threads against W ranks × T/W threads; a table of both and the ratio."""
+    world = args.ranks
+    threads = args.threads or torch.get_num_threads()
+    if world < 2 or threads % world:
+        raise MmcaError(f"--ranks {world} with {threads} threads: need at least 2 ranks that share the threads "
+                        "evenly", f"e.g. --ranks 2 --threads {max(2, threads - threads % 2)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        one = _side(args, 1, threads, os.path.join(tmp, "one.json"))
+        many = _side(args, world, threads // world, os.path.join(tmp, "many.json"))
+    log(f"(dist) 1 process x {threads} threads vs {world} {many['backend']} ranks x {threads // world} "
+        f"thread(s), {args.device}; global batch {args.batch}, gallery {one['evaluation']['gallery']}")
+    log(f"    {'':22s}{'1 process':>12s}{f'{world} ranks':>12s}{'ratio':>8s}{'in collectives':>17s}")
+    for part, label in (("train_step", "training step (s)"), ("evaluation", "exact evaluation (s)")):
+        a, b = one[part]["seconds"], many[part]["seconds"]
+        share = max(many[part]["collective_seconds_per_rank"]) / b
+        log(f"    {label:22s}{a:12.3f}{b:12.3f}{a / b:7.2f}x{share:16.1%}")
+    log("    (ratio > 1: the ranks were faster; 'in collectives': the busiest rank's share of the W-rank "
+        "time inside all-reduce/all-gather/barrier, waiting for the other rank included)")
+    return {"one_process": one, "ranks": many}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--distributed", action="store_true",
+                        help="data parallelism: one training step and one exact evaluation, 1 process x T "
+                             "threads against --ranks ranks x T/ranks threads (torch.distributed)")
+    parser.add_argument("--ranks", type=int, default=2, help="with --distributed: ranks of the W-rank side (default 2)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="with --distributed: threads shared by each side (default: this process's)")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="with --distributed: timed training steps after one warm-up (median)")
+    parser.add_argument("--distributed-side", default=None, metavar="OUT", help=argparse.SUPPRESS)
+
+
+def run_side(args, log) -> dict | None:
+    """This process's part in one side (under torchrun or alone); rank 0 writes/prints the result."""
+    result = worker(args)
+    if result is None:
+        return None
+    if args.distributed_side:
+        with open(args.distributed_side, "w") as f:
+            json.dump(result, f)
+    else:
+        for part in ("train_step", "evaluation"):
+            r = result[part]
+            log(f"(dist) {result['ranks']} rank(s) x {result['threads_per_rank']} thread(s), {part}: "
+                f"{r['seconds']:.3f} s, in collectives {max(r['collective_seconds_per_rank']) / r['seconds']:.1%}")
+    return result
