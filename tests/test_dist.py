@@ -115,20 +115,33 @@ def run_mmca(*argv, ranks: int = 1, env=None):
     return done.stdout
 
 
-def test_torchrun_evaluate_writes_the_single_process_result(tmp_path):
+@pytest.fixture(scope="module")
+def precomp(tmp_path_factory):
+    """A tiny precomp dataset and its feature cache, filled here once (in this process: the
+    commands under test then start without encoding captions)."""
+    from mmca.features.prepare import open_dataset
+
+    base = tmp_path_factory.mktemp("precomp")
+    root, cache = base / "precomp", base / "cache"
+    precomp_dataset(root, np.random.default_rng(0))
+    for split in ("train", "dev"):
+        open_dataset(root, split, cache_dir=cache, progress=False)
+    return root, cache
+
+
+def test_torchrun_evaluate_writes_the_single_process_result(tmp_path, precomp):
     """`torchrun --nproc-per-node 2 -m mmca evaluate` end to end: one results file, equal to
     the plain command's."""
     from mmca.checkpoint import save_checkpoint
     from mmca.features import TextEncoder
     from mmca.features.spec import FeatureSpec, precomp_image_spec, text_spec
 
-    root = tmp_path / "precomp"
-    precomp_dataset(root, np.random.default_rng(0))
+    root, cache = precomp
     spec = FeatureSpec(precomp_image_spec(root / "dev_ims.npy", (8, 4, 8), "float32"), text_spec(TextEncoder()))
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "run" / "best.pt",
                            MMCA(ModelConfig(img_dim=8, txt_dim=384, d=32, heads=4, cnn_filters=8)), spec)
-    common = ["evaluate", root, "--checkpoint", ckpt, "--cache", tmp_path / "cache", "--device", "cpu"]
+    common = ["evaluate", root, "--checkpoint", ckpt, "--cache", cache, "--device", "cpu"]
     run_mmca(*common, "--out", tmp_path / "one.json")
     printed = run_mmca(*common, "--out", tmp_path / "two.json", ranks=2)
     assert printed.count("results:") == 1  # one rank prints
@@ -136,13 +149,12 @@ def test_torchrun_evaluate_writes_the_single_process_result(tmp_path):
     assert one["metrics"] == two["metrics"] and one["pair_passes"] <= two["pair_passes"]
 
 
-def test_torchrun_train_equals_the_plain_command(tmp_path):
+def test_torchrun_train_equals_the_plain_command(tmp_path, precomp):
     from mmca.checkpoint import read_checkpoint
 
-    root = tmp_path / "precomp"
-    precomp_dataset(root, np.random.default_rng(1))
+    root, cache = precomp
     common = ["train", root, "--preset", "cpu", "--epochs", "2", "--cross-from-epoch", "1", "--mirror-images", "off",
-              "--hidden", "16", "--heads", "2", "--batch-size", "16", "--dropout", "0", "--cache", tmp_path / "cache",
+              "--hidden", "16", "--heads", "2", "--batch-size", "16", "--dropout", "0", "--cache", cache,
               "--no-progress"]
     run_mmca(*common, "--out", tmp_path / "one")
     printed = run_mmca(*common, "--out", tmp_path / "two", ranks=2)
@@ -171,17 +183,41 @@ def trainer(out_dir, shard=None, resume=False):
                    progress=False, log=lambda _: None, shard=shard)
 
 
-def _train_worker(rank: int, world: int, rendezvous: str, out_dir: str, until: int | None, resume: bool) -> None:
+def _train_worker(rank: int, world: int, rendezvous: str, root: str) -> None:
+    """Every 2-rank training scenario in one process group (one spawn: the tests stay fast)."""
+    import shutil
+    from pathlib import Path
+
     torch.set_num_threads(1)
+    root = Path(root)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
-        trainer(out_dir, Shard(rank, world), resume=resume).run(until_epoch=until)
+        shard = Shard(rank, world)
+        trainer(root / "two", shard).run()  # uninterrupted
+        trainer(root / "a", shard).run(until_epoch=1)  # stopped after epoch 1...
+        shard.barrier()
+        if shard.main:  # (b: the same stopped run, to be resumed by one process)
+            shutil.copytree(root / "a", root / "b")
+        shard.barrier()
+        trainer(root / "a", shard, resume=True).run()  # ...resumed by the same 2 ranks
     finally:
         dist.destroy_process_group()
 
 
-def spawn_training(tmp_path, name: str, out_dir, until=None, resume=False):
-    mp.spawn(_train_worker, args=(2, str(tmp_path / f"rdv-{name}"), str(out_dir), until, resume), nprocs=2, join=True)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Runs trained by 2 gloo ranks: `two` (whole), `a` (stopped, resumed by 2 ranks), `b` (stopped)."""
+    root = tmp_path_factory.mktemp("two-ranks")
+    mp.spawn(_train_worker, args=(2, str(root / "rendezvous"), str(root)), nprocs=2, join=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The same run trained by one process."""
+    one = trainer(tmp_path_factory.mktemp("one-process"))
+    one.run()
+    return one
 
 
 def assert_same_weights(a: dict, b: dict, d: int = 16, atol: float = 1e-5) -> None:
@@ -195,29 +231,23 @@ def assert_same_weights(a: dict, b: dict, d: int = 16, atol: float = 1e-5) -> No
         assert torch.allclose(v, w, atol=atol, rtol=0), (k, float((v - w).abs().max()))
 
 
-def test_two_ranks_train_as_one_process(tmp_path):
+def test_two_ranks_train_as_one_process(two_ranks, one_process):
     from mmca.checkpoint import read_checkpoint
 
-    one = trainer(tmp_path / "one")
-    one.run()
-    spawn_training(tmp_path, "two", tmp_path / "two")
-    two = read_checkpoint(tmp_path / "two" / "last.pt")
-    assert_same_weights(one.model.state_dict(), two["model"])  # 6 optimizer steps, mining included
+    two = read_checkpoint(two_ranks / "two" / "last.pt")
+    assert_same_weights(one_process.model.state_dict(), two["model"])  # 6 optimizer steps, mining included
     history = json.loads(two["state"])["history"]
     assert [r["loss_kind"] for r in history] == ["sum", "max"]
-    assert [r["rsum"] for r in history] == pytest.approx([r["rsum"] for r in one.state.history], abs=1e-6)
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert [r["rsum"] for r in history] == pytest.approx([r["rsum"] for r in one_process.state.history], abs=1e-6)
+    assert sorted(p.name for p in (two_ranks / "two").iterdir()) == \
+        sorted(p.name for p in one_process.out_dir.iterdir())
 
 
-def test_a_distributed_run_resumes_with_the_same_or_another_world_size(tmp_path):
+def test_a_distributed_run_resumes_with_the_same_or_another_world_size(two_ranks, one_process):
     from mmca.checkpoint import read_checkpoint
 
-    whole = trainer(tmp_path / "whole")
-    whole.run()
-    spawn_training(tmp_path, "a", tmp_path / "a", until=1)  # stopped after epoch 1 by 2 ranks...
-    spawn_training(tmp_path, "a2", tmp_path / "a", resume=True)  # ...resumed by 2 ranks
-    assert_same_weights(whole.model.state_dict(), read_checkpoint(tmp_path / "a" / "last.pt")["model"])
-    spawn_training(tmp_path, "b", tmp_path / "b", until=1)
-    resumed = trainer(tmp_path / "b", resume=True)  # ...resumed by one process: same global batch
+    whole = one_process.model.state_dict()
+    assert_same_weights(whole, read_checkpoint(two_ranks / "a" / "last.pt")["model"])  # resumed by 2 ranks
+    resumed = trainer(two_ranks / "b", resume=True)  # resumed by one process: same global batch
     resumed.run()
-    assert_same_weights(whole.model.state_dict(), resumed.model.state_dict())
+    assert_same_weights(whole, resumed.model.state_dict())
