@@ -67,11 +67,19 @@ class RandomTokens:
         return tokens, torch.arange(n)[None] < torch.as_tensor(lengths)[:, None]
 
 
-def _best_rate(fn, pairs: int, repeat: int = 2) -> float:
+def _sync(device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: a timing needs it)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _best_rate(fn, pairs: int, device="cpu", repeat: int = 2) -> float:
     best = 0.0
     for _ in range(repeat):
+        _sync(device)
         t = time.perf_counter()
         fn()
+        _sync(device)
         best = max(best, pairs / (time.perf_counter() - t))
     return best
 
@@ -85,7 +93,8 @@ def plain_scores(model, regions, tokens, mask, batch: int = 256) -> torch.Tensor
     n, m = len(regions), len(tokens)
     a_all = torch.arange(n).repeat_interleave(m)
     b_all = torch.arange(m).repeat(n)
-    out = torch.empty(n * m)
+    out = torch.empty(n * m, device=i0.device)
+    a_all, b_all = a_all.to(i0.device), b_all.to(i0.device)
     for s in range(0, n * m, batch):
         a, b = a_all[s:s + batch], b_all[s:s + batch]
         length = int(mask[b].sum(1).max())
@@ -101,12 +110,10 @@ def gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, device, seconds: float
     a @ b
     best, spent = float("inf"), 0.0
     while spent < seconds:
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         t = time.perf_counter()
         a @ b
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         dt = time.perf_counter() - t
         best, spent = min(best, dt), spent + dt
     return 2 * m * k * n / best / 1e9
@@ -139,17 +146,18 @@ def bench_scoring(model, args, log) -> dict:
     texts = RandomTokens(args.score_captions, model.config.txt_dim, seed=12)
     regions = images.image_batch(np.arange(args.score_images))
     tokens, mask = texts.batch(np.arange(args.score_captions))
+    on_device = [x.to(args.device) for x in (regions, tokens, mask)]
     pairs = args.score_images * args.score_captions
     out = {"pairs": pairs}
     with inference_mode(model):
-        ref = plain_scores(model, regions, tokens, mask)
-        out["plain_pairs_per_s"] = _best_rate(lambda: plain_scores(model, regions, tokens, mask), pairs)
+        ref = plain_scores(model, *on_device).cpu()
+        out["plain_pairs_per_s"] = _best_rate(lambda: plain_scores(model, *on_device), pairs, args.device)
         for precision in ("fp32", "bf16"):
             eng = ScoringEngine(model, device=args.device, precision=precision)
             ib = eng.image_bank(regions.to(eng.device))
             tb = eng.text_bank((tokens, mask))
             full = eng.full_scores(ib, tb)
-            out[f"{precision}_pairs_per_s"] = _best_rate(lambda: eng.full_scores(ib, tb), pairs)
+            out[f"{precision}_pairs_per_s"] = _best_rate(lambda: eng.full_scores(ib, tb), pairs, args.device)
             out[f"{precision}_max_abs_diff_vs_plain"] = float((full.cpu() - ref).abs().max())
     for p in ("fp32", "bf16"):
         out[f"{p}_speedup"] = out[f"{p}_pairs_per_s"] / out["plain_pairs_per_s"]
@@ -165,15 +173,16 @@ def bench_training(config, args, log) -> dict:
     bsz = args.batch
     images = RandomImages(bsz, args.regions, config.img_dim, seed=21)
     texts = RandomTokens(bsz, config.txt_dim, seed=22)
-    regions = images.image_batch(np.arange(bsz))
-    tokens, mask = texts.batch(np.arange(bsz))
+    regions = images.image_batch(np.arange(bsz)).to(args.device)
+    tokens, mask = (x.to(args.device) for x in texts.batch(np.arange(bsz)))
     out = {"batch": bsz}
 
     def step(kind):
         torch.manual_seed(0)
-        model = MMCA(config).train()
+        model = MMCA(config).to(args.device).train()
         opt = torch.optim.Adam(model.parameters(), lr=2e-4)
         stats = {}
+        _sync(args.device)
         t = time.perf_counter()
         if kind == "mined":
             loss = mined_loss(model, regions, tokens, mask, precision=args.mine_precision, stats=stats)
@@ -182,6 +191,7 @@ def bench_training(config, args, log) -> dict:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        _sync(args.device)
         return time.perf_counter() - t, float(loss.detach()), stats
 
     mining = resolve_precision(args.mine_precision, args.device)
@@ -219,16 +229,19 @@ def bench_ranks(model, args, log, spec=None) -> dict:
         what = f"{n} x {n * per} (random features)"
     total = len(ib) * len(tb)
     out = {"gallery": what, "exhaustive_pairs": total}
-    t = time.perf_counter()
-    ex = eng.ranks(ib, tb, caption_image, mode="exhaustive")
-    out["exhaustive_s"] = time.perf_counter() - t
-    results = {"exhaustive": ex}
-    for name, kw in (("exact", {}), ("exact_max_rank_10", {"max_rank": 10}),
+    cuda = torch.device(args.device).type == "cuda"
+    results = {}
+    for name, kw in (("exhaustive", {"mode": "exhaustive"}), ("exact", {}), ("exact_max_rank_10", {"max_rank": 10}),
                      ("shortlist_100", {"mode": "shortlist", "shortlist_k": 100})):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        kw = dict({"mode": "exact"}, **kw)
-        results[name] = eng.ranks(ib, tb, caption_image, **kw)
+        results[name] = eng.ranks(ib, tb, caption_image, **dict({"mode": "exact"}, **kw))
         out[f"{name}_s"] = time.perf_counter() - t
+        if cuda:  # the banks are held throughout: this is what ranking the gallery needs
+            out[f"{name}_peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    ex = results["exhaustive"]
     metrics = {name: retrieval_metrics(res.i2t, res.t2i, res.exact_below)
                for name, res in results.items()}
     rec_ex = {k: metrics["exhaustive"][k] for k in RECALL_KEYS}
@@ -248,10 +261,16 @@ def bench_ranks(model, args, log, spec=None) -> dict:
         r = out[f"{name}_recalls"]
         same = "identical" if all(abs(r[k] - rec_ex[k]) < 1e-9 for k in rec_ex) else "DIFFERENT"
         log(f"    {name:18s} pair passes {out[name + '_pair_fraction']:.2%} of exhaustive, "
-            f"{out[name + '_s']:.1f} s, recalls {same} (rsum {r['rsum']:.2f} vs {rec_ex['rsum']:.2f})")
+            f"{out[name + '_s']:.1f} s, recalls {same} (rsum {r['rsum']:.2f} vs {rec_ex['rsum']:.2f})"
+            + _peak(out, name))
     log(f"    exact ranks identical to exhaustive: {out['exact_ranks_identical']}; "
-        f"exhaustive {out['exhaustive_s']:.1f} s")
+        f"exhaustive {out['exhaustive_s']:.1f} s" + _peak(out, "exhaustive"))
     return out
+
+
+def _peak(out: dict, name: str) -> str:
+    key = f"{name}_peak_gpu_gib"
+    return f", peak GPU memory {out[key]:.2f} GiB" if key in out else ""
 
 
 def _peak_rss_gib() -> float:
