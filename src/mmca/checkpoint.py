@@ -1,4 +1,5 @@
-"""Checkpoints: written atomically (temp file + rename), read with `weights_only=True`."""
+"""Checkpoints: written atomically (temp file + rename), read with `weights_only=True`; and
+model directories (`mmca export`: config.json + model.safetensors), read without unpickling."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from mmca.io import atomic_write
 from mmca.model import MMCA
 
 FORMAT = "mmca-checkpoint-v1"
+MODEL_DIR_FORMAT = "mmca-model-dir-v1"
+MODEL_DIR_FILES = ("config.json", "model.safetensors")
 
 
 def save_checkpoint(path: str | Path, model: MMCA, feature_spec: FeatureSpec, **extra: Any) -> Path:
@@ -37,12 +40,49 @@ def checkpoint_spec(payload: dict[str, Any], path: str | Path) -> FeatureSpec:
     return FeatureSpec.from_dict(payload["feature_spec"])
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The raw payload, loaded safely (no arbitrary code runs while unpickling)."""
+def is_model_dir(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / MODEL_DIR_FILES[0]).is_file()
+
+
+def read_model_dir(path: str | Path) -> dict[str, Any]:
+    """A model directory's config and weights as a checkpoint payload. JSON and safetensors
+    only: nothing is unpickled, so a directory from a stranger cannot run code."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(path)
+    missing = [name for name in MODEL_DIR_FILES if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"model directory {path} lacks {', '.join(missing)}",
+                              "export it again with `mmca export CHECKPOINT DIR`")
+    try:
+        payload = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path / 'config.json'} is not valid JSON: {err}",
+                              "export the model again with `mmca export`") from err
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_DIR_FORMAT:
+        raise CheckpointError(f"{path} is not an mmca model directory (format {MODEL_DIR_FORMAT} expected)",
+                              "pass a directory written by `mmca export`, or a checkpoint .pt file")
+    try:
+        weights = load_file(path / "model.safetensors")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {path / 'model.safetensors'}: {err}",
+                              "the file is damaged; export the model again") from err
+    return {**payload, "format": FORMAT, "model": weights}
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The raw payload, loaded safely (no arbitrary code runs while unpickling): from a .pt
+    checkpoint or a model directory."""
+    path = Path(path)
+    if is_model_dir(path):
+        return read_model_dir(path)
     if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file",
-                              "pass a .pt file written by `mmca train`, e.g. RUN_DIR/best.pt")
+        raise CheckpointError(f"{path} is a directory, neither a checkpoint file nor a model directory",
+                              "pass a .pt file written by `mmca train` (e.g. RUN_DIR/best.pt) or a directory "
+                              "written by `mmca export`")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}",
                               "train one with `mmca train` or pass the path of an existing .pt file")

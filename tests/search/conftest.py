@@ -1,56 +1,11 @@
-"""Fixtures for the search tests: a small random-weight checkpoint (real feature dims, small d)
-and an index of ~20 real Flickr8k photos with their captions, built once per session."""
+"""Fixtures for the search tests: an index of the session's ~20 real Flickr8k photos with their
+captions and its small random-weight checkpoint (tests/conftest.py), built once per session."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
-
-from mmca.checkpoint import save_checkpoint
-from mmca.config import ModelConfig
-from mmca.model import MMCA
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-N_IMAGES = 20
-
-
-def small_checkpoint(path: Path, seed: int) -> Path:
-    from mmca.features import ImageBackbone, TextEncoder
-    from mmca.features.spec import FeatureSpec
-
-    torch.manual_seed(seed)
-    spec = FeatureSpec.from_extractors(ImageBackbone(6), TextEncoder())
-    return save_checkpoint(path, MMCA(ModelConfig(d=64, heads=4, cnn_filters=32)), spec)
-
-
-@pytest.fixture(scope="session")
-def gallery(flickr8k: Path, tmp_path_factory) -> Path:
-    """A folder of the first N dev photos and a captions.tsv with their captions."""
-    folder = tmp_path_factory.mktemp("gallery")
-    names = (flickr8k / "splits" / "dev.txt").read_text().split()[:N_IMAGES]
-    for name in names:
-        shutil.copy(flickr8k / "images" / name, folder / name)
-    keep = set(names)
-    lines = [line for line in (flickr8k / "captions.tsv").read_text(encoding="utf-8").splitlines()
-             if line.split("\t", 1)[0] in keep]
-    (folder / "captions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
-    return small_checkpoint(tmp_path_factory.mktemp("ckpt") / "small.pt", seed=0)
-
-
-@pytest.fixture(scope="session")
-def other_checkpoint(tmp_path_factory) -> Path:
-    return small_checkpoint(tmp_path_factory.mktemp("ckpt2") / "other.pt", seed=1)
-
 
 @pytest.fixture(scope="session")
 def index_dir(gallery: Path, checkpoint: Path, tmp_path_factory) -> Path:

@@ -14,7 +14,7 @@ import warnings
 from mmca.errors import MmcaError
 
 # Order is the order shown in `mmca --help`: the data flow, then the jobs.
-COMMANDS = ["prepare", "train", "evaluate", "sample", "bench", "index", "search", "serve"]
+COMMANDS = ["prepare", "train", "evaluate", "sample", "export", "bench", "index", "search", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

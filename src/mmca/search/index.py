@@ -66,10 +66,17 @@ def file_sha256(path: str | Path) -> str:
 
 
 def checkpoint_identity(path: str | Path) -> dict[str, Any]:
+    """Where the model is and the sha256 of its contents (a model directory: of its two files)."""
+    from mmca.checkpoint import MODEL_DIR_FILES, is_model_dir
+
     path = Path(path).resolve()
+    if is_model_dir(path):
+        parts = "".join(file_sha256(path / name) for name in MODEL_DIR_FILES if (path / name).is_file())
+        return {"path": str(path), "sha256": hashlib.sha256(parts.encode()).hexdigest()}
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}",
-                              "pass --checkpoint with the path of a checkpoint written by `mmca train`")
+                              "pass --checkpoint with a checkpoint written by `mmca train` or a model "
+                              "directory written by `mmca export`")
     return {"path": str(path), "sha256": file_sha256(path)}
 
 
@@ -224,7 +231,7 @@ class GalleryIndex:
     def resolve_checkpoint(self, path: str | Path | None) -> Path:
         if path is None:
             path = self.checkpoint["path"]
-            if not Path(path).is_file():
+            if not Path(path).exists():
                 raise CheckpointError(f"the index's checkpoint {path} no longer exists",
                                       "pass --checkpoint with a copy of it (same file contents)")
         self.check_checkpoint(path)
