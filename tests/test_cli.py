@@ -119,3 +119,41 @@ def test_images_are_checked_by_content_and_size_everywhere(tmp_path):
         require_images([tiny])
     with pytest.raises(DataError, match="1x1 pixels; at least 16x16"):
         load_image(tiny)  # the rule `prepare` applies to dataset photos
+
+
+def tiny_images_dataset(flickr8k, root, train: int = 10, dev: int = 4):
+    """An images-folder dataset of real Flickr8k photos (train from train.txt, dev from dev.txt)."""
+    import shutil
+
+    (root / "images").mkdir(parents=True)
+    (root / "splits").mkdir()
+    names = {}
+    for split, n in (("train", train), ("dev", dev)):
+        names[split] = (flickr8k / "splits" / f"{split}.txt").read_text().split()[:n]
+        (root / "splits" / f"{split}.txt").write_text("\n".join(names[split]) + "\n")
+        for name in names[split]:
+            shutil.copy(flickr8k / "images" / name, root / "images" / name)
+    keep = set(names["train"]) | set(names["dev"])
+    lines = [x for x in (flickr8k / "captions.tsv").read_text(encoding="utf-8").splitlines() if x.split("\t")[0] in keep]
+    (root / "captions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_sample_runs_the_whole_job_and_exports_its_model(flickr8k, tmp_path, capsys):
+    """The README's main job end to end on 14 real photos: both runs, the table, the model directory."""
+    import json
+
+    import mmca
+
+    root = tmp_path / "data"
+    tiny_images_dataset(flickr8k, root)
+    out = tmp_path / "runs"
+    assert main(["sample", str(root), "--out", str(out), "--cache", str(tmp_path / "cache"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "paper, Flickr30K 1K" in printed and f"model: {out / 'model'}" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["train_seconds"]) == {"α = 0 ablation", "MMCA"}
+    card = (out / "model" / "README.md").read_text()
+    assert f"mmca sample {root} --preset sample" in card
+    r = mmca.load(out / "model", device="cpu")
+    hits = r.search("a dog", r.encode_images(root / "images"), k=3)
+    assert len(hits) == 3

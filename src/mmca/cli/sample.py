@@ -27,7 +27,9 @@ Run everything on DATASET_DIR (the README's main command runs it on the Flickr8k
      ablation's, bit for bit: they are trained once and the full model branches from the
      ablation's state after them;
   4. evaluate both best checkpoints on the validation split (exact protocol; the per-epoch
-     validation already computed it) and print them beside the paper's Flickr30K 1K row.
+     validation already computed it) and print them beside the paper's Flickr30K 1K row;
+  5. export the full model's best checkpoint to OUT/model (`mmca export`), ready for
+     `mmca.load`, `mmca index --checkpoint` and `mmca evaluate --checkpoint`.
 
 Runs go to --out (default runs/sample): a finished run is reused, an interrupted one resumes.
 """
@@ -93,11 +95,18 @@ def run(args: argparse.Namespace) -> int:
         rows[f"{name} (epoch {best['epoch']})"] = best["metrics"]
     if not shard.main:
         return 0
+    model_dir = args.out / "model"  # the full model, ready for `mmca.load` / `mmca index`
+    if not model_dir.exists():
+        from mmca.export import export_model_dir
+        export_model_dir(runs["MMCA"][0] / "best.pt", model_dir,
+                         command=f"mmca sample {args.dataset} --preset {args.preset}"
+                         + (f" --seed {args.seed}" if args.seed is not None else ""))
     ours = {f"{k} [{dev_set.name} {dev_set.split}]": v for k, v in rows.items()}
     table = format_table({**ours, "paper, Flickr30K 1K": PAPER_RESULTS["Flickr30K 1K"]})
     total = time.perf_counter() - started
     print(f"\n{table}\n\ntotal {total / 60:.1f} min (training: "
           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ")")
+    print(f"model: {model_dir} (python: mmca.load({str(model_dir)!r}); docs/api.md)")
     atomic_write_text(args.out / "results.json", json.dumps(
         {"preset": args.preset, "dataset": str(args.dataset), "split": args.val_split,
          "metrics": rows, "train_seconds": timings, "total_seconds": round(total, 1)}, indent=2))
