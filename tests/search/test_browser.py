@@ -78,6 +78,24 @@ def test_page_in_chromium(server_url, gallery):
             assert "dog" in words and words[0] == "all words"
             page.locator("#words button", has_text="dog").first.click()
             assert page.locator("#words button.active").inner_text() == "dog"
+            # what the user reads: the colour bar gives this word's real attention range, the
+            # outlined regions are its most attended ones, a flat map says so
+            seen = page.evaluate("""() => { const i = heat.tokens.indexOf('dog'); const w = heat.weights[i];
+                const order = w.map((v, j) => [v, j]).sort((a, b) => b[0] - a[0] || a[1] - b[1]);
+                return {lo: Math.min(...w), hi: Math.max(...w), top: order.slice(0, 3).map(x => x[1]).join(','),
+                        captions: heat.captions.length}; }""")
+            assert page.inner_text("#heat-max") == f"{100 * seen['hi']:.2f}%"
+            assert page.inner_text("#heat-min") == f"{100 * seen['lo']:.2f}%"
+            assert page.get_attribute("#heat-canvas", "data-top") == seen["top"]
+            assert page.inner_text("#heat-label") == 'attention of "dog" per region'
+            flat = (seen["hi"] - seen["lo"]) / seen["hi"] < 0.25
+            assert page.locator("#heat-flat").is_visible() == flat
+            if flat:
+                assert "Nearly uniform" in page.inner_text("#heat-flat")
+            # the photo's known captions (5 per Flickr8k photo), and names that stay in their cards
+            assert seen["captions"] == 5 and page.locator("#known-captions li").count() == 5
+            assert page.evaluate("""() => [...document.querySelectorAll('#results .card')].every(
+                c => c.scrollWidth <= c.clientWidth + 1)""")
             # canvas really painted (some non-transparent pixel)
             painted = page.evaluate("""() => { const c = document.getElementById('heat-canvas');
                 const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;

@@ -137,3 +137,15 @@ def test_raw_path_traversal_against_the_real_server(index_dir):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_warm_up_runs_every_kind_of_query_before_the_first_user(index_dir):
+    from mmca.search import Searcher
+
+    searcher = Searcher(index_dir)
+    assert searcher._backbone is None
+    passes = searcher.engine.pair_passes
+    assert searcher.warm_up() > 0
+    assert searcher._backbone is not None and searcher.engine.pair_passes > passes  # backbone loaded, engine run
+    hm = searcher.heatmap("a dog", 0)
+    assert hm["name"] == searcher.index.image_names[0] and len(hm["captions"]) == 5

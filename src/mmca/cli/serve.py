@@ -40,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"mmca serve: warning: bound to {args.host}: anyone who can reach this machine can search "
               "the index and see its photos", flush=True)
+    print("mmca serve: warming up (models loaded, one query of each kind)...", flush=True)
+    seconds = searcher.warm_up()
     print(f"mmca serve: {searcher.index.num_images} images, {len(searcher.index.captions)} captions; "
-          f"http://{args.host}:{args.port}/", flush=True)
+          f"ready in {seconds:.1f} s: http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

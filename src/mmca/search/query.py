@@ -322,9 +322,25 @@ class Searcher:
         k = r.shape[1]
         side = int(math.isqrt(k))
         words = self.encoder.tokenizer.convert_ids_to_tokens(ids)
-        return {"image": image_id, "tokens": words, "grid": side if side * side == k else None,
-                "regions": k, "weights": weights.tolist(), "region_mass": weights.sum(1).tolist(),
-                "score": score}
+        known = [self.index.captions[j] for j in np.nonzero(self.index.caption_image == image_id)[0]]
+        return {"image": image_id, "name": self.index.image_names[image_id], "tokens": words,
+                "grid": side if side * side == k else None, "regions": k, "weights": weights.tolist(),
+                "region_mass": weights.sum(1).tolist(), "score": score, "captions": known}
+
+    def warm_up(self) -> float:
+        """Run every kind of query once (text encoder, engine, heat map, and the image backbone
+        when the index has photos), so the first user's query is as fast as the rest: loading
+        the models and the first kernels' set-up took ~18 s on a busy 2-core CPU. -> seconds."""
+        t0 = time.perf_counter()
+        if self.index.num_images:
+            self.search_text("a photo", 1)
+            self.heatmap("a photo", 0)
+            if self.caption_bank is not None:
+                self.search_gallery_image(0, 1)
+        if self.index.meta.get("backbone") is not None:
+            with self.lock, torch.no_grad():
+                self.backbone.extract_grid(torch.full((1, 3, IMAGE_SIZE, IMAGE_SIZE), 128, dtype=torch.uint8))
+        return time.perf_counter() - t0
 
     def bank_for(self, ids) -> ImageBank:
         return ImageBank(**self.index.image_rows(ids))

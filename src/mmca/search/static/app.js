@@ -47,6 +47,7 @@ function card(item, onClick) {
     const s = document.createElement("div");
     s.className = "score";
     s.textContent = `${item.score.toFixed(4)} · ${item.name}`;
+    s.title = item.name; // the whole name on hover; the card shows what fits
     div.appendChild(s);
   }
   div.addEventListener("click", () => onClick(item, div));
@@ -89,40 +90,89 @@ async function openHeatmap(item, div) {
     buttons.forEach((b) => b.addEventListener("click", () => selectWord(parseInt(b.dataset.token, 10))));
     words.replaceChildren(...buttons);
     $("heatmap-section").hidden = false;
+    showKnownCaptions();
     selectWord(-1);
   } catch (e) { showError(e.message); }
 }
 
 function selectWord(index) {
   document.querySelectorAll("#words button").forEach((b) => b.classList.toggle("active", parseInt(b.dataset.token, 10) === index));
-  let w;
+  let w, label;
   if (index >= 0) {
     w = heat.weights[index];
+    label = `"${heat.tokens[index]}"`;
   } else {
     const rows = heat.weights.filter((_, i) => !/^\[(CLS|SEP)\]$/.test(heat.tokens[i]));
     const use = rows.length ? rows : heat.weights;
     w = use[0].map((_, j) => use.reduce((a, r) => a + r[j], 0) / use.length);
+    label = "all words";
   }
-  drawHeat(w);
+  drawHeat(w, label);
 }
 
-function drawHeat(w) {
+// A perceptual dark-to-bright ramp (black, purple, red, orange, pale yellow), as in `inferno`.
+const RAMP = [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]];
+function rampColour(t) {
+  const x = Math.min(1, Math.max(0, t)) * (RAMP.length - 1);
+  const i = Math.min(RAMP.length - 2, Math.floor(x));
+  const f = x - i;
+  return RAMP[i].map((c, k) => Math.round(c + f * (RAMP[i + 1][k] - c)));
+}
+
+const pct = (v) => `${(100 * v).toFixed(2)}%`;
+const TOP_REGIONS = 3;
+const FLAT_SPREAD = 0.25; // (max - min) / max below this: the map says little
+
+function drawHeat(w, label) {
   const canvas = $("heat-canvas");
   const ctx = canvas.getContext("2d");
   const side = heat.grid || Math.round(Math.sqrt(w.length));
   const cell = canvas.width / side;
-  const max = Math.max(...w) || 1;
+  const lo = Math.min(...w), hi = Math.max(...w);
+  const span = hi - lo || 1;
   ctx.clearRect(0, 0, canvas.width, canvas.height);
+  // contrast per map: the least attended region is dark, the most attended bright
   for (let r = 0; r < side; r++) {
     for (let c = 0; c < side; c++) {
-      const v = w[r * side + c] / max;            // 1 = the most attended region
-      ctx.fillStyle = `rgba(0, 0, 0, ${(0.75 * (1 - v)).toFixed(3)})`;  // dim what is not attended
-      ctx.fillRect(c * cell, r * cell, cell, cell);
-      ctx.fillStyle = `rgba(255, 80, 0, ${(0.45 * v).toFixed(3)})`;
+      const t = (w[r * side + c] - lo) / span;
+      const [R, G, B] = rampColour(t);
+      ctx.fillStyle = `rgba(${R}, ${G}, ${B}, ${(0.35 + 0.3 * (1 - t)).toFixed(3)})`;
       ctx.fillRect(c * cell, r * cell, cell, cell);
     }
   }
+  ctx.strokeStyle = "rgba(255, 255, 255, 0.35)"; // the region grid
+  ctx.lineWidth = 1;
+  for (let i = 1; i < side; i++) {
+    ctx.beginPath(); ctx.moveTo(i * cell, 0); ctx.lineTo(i * cell, canvas.height); ctx.stroke();
+    ctx.beginPath(); ctx.moveTo(0, i * cell); ctx.lineTo(canvas.width, i * cell); ctx.stroke();
+  }
+  const top = w.map((v, j) => [v, j]).sort((a, b) => b[0] - a[0] || a[1] - b[1]).slice(0, TOP_REGIONS).map((x) => x[1]);
+  ctx.strokeStyle = "#fff"; // the most attended regions outlined
+  ctx.lineWidth = 2.5;
+  top.forEach((j) => ctx.strokeRect((j % side) * cell + 1.5, Math.floor(j / side) * cell + 1.5, cell - 3, cell - 3));
+  canvas.dataset.top = top.join(",");
   canvas.dataset.drawn = "1";
+  // the colour bar gives the real attention range of this map
+  $("heat-min").textContent = pct(lo);
+  $("heat-max").textContent = pct(hi);
+  $("heat-label").textContent = `attention of ${label} per region`;
+  const mass = w.reduce((a, v) => a + v, 0);
+  const flat = (hi - lo) / (hi || 1) < FLAT_SPREAD;
+  $("heat-flat").hidden = !flat;
+  $("heat-flat").textContent = flat
+    ? `Nearly uniform: every region gets ${pct(lo)}–${pct(hi)} of this attention, so the model does not point at a part of the photo for ${label}.`
+    : "";
+  $("heat-mass").textContent = `${pct(mass)} of the attention goes to the photo's ${w.length} regions (the rest to the sentence's own words); outlined: the ${TOP_REGIONS} most attended regions.`;
+}
+
+function showKnownCaptions() {
+  const list = $("known-captions");
+  list.replaceChildren(...heat.captions.map((t) => {
+    const li = document.createElement("li");
+    li.textContent = t;
+    return li;
+  }));
+  $("known-wrap").hidden = heat.captions.length === 0;
 }
 
 function showCaptions(out) {
