@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import queue
 import traceback
 from collections.abc import Callable
+from multiprocessing.connection import wait
 from typing import Any
 
 import torch
@@ -47,50 +47,56 @@ def run_sharded(task: ShardTask, total: int, workers: int, report: Callable[[int
 
     The first error stops every worker; an `MmcaError` is raised again here unchanged (same
     message and hint), anything else as a RuntimeError carrying the worker's traceback.
+    Each worker reports through its own pipe: a pipe holds no semaphore, so nothing is left
+    for Python's resource tracker to warn about at exit (a shared Queue's lock and semaphore
+    were reported as "leaked" when the job ended).
     """
     ctx = mp.get_context("spawn")  # fork is unsafe once torch has started its thread pools
-    messages = ctx.Queue()
     threads = max(1, available_cpus() // workers)
     bounds = [total * i // workers for i in range(workers + 1)]
+    pipes = [ctx.Pipe(duplex=False) for _ in range(workers)]
     procs = [
-        ctx.Process(target=_worker, args=(task, bounds[i], bounds[i + 1], threads, messages), daemon=True)
+        ctx.Process(target=_worker, args=(task, bounds[i], bounds[i + 1], threads, pipes[i][1]), daemon=True)
         for i in range(workers)
     ]
     for p in procs:
         p.start()
+    for _, send in pipes:
+        send.close()  # the children hold their ends: EOF here once a child is gone
     try:
-        running = workers
-        while running:
-            try:
-                kind, payload = messages.get(timeout=1.0)
-            except queue.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs):
+        open_ends = {recv: proc for (recv, _), proc in zip(pipes, procs)}
+        while open_ends:
+            for recv in wait(list(open_ends), timeout=1.0):
+                try:
+                    kind, payload = recv.recv()
+                except EOFError:  # the child closed its end without saying "done": it died
                     raise RuntimeError("a feature worker process died (out of memory?)") from None
-                continue
-            if kind == "progress":
-                report(payload)
-            elif kind == "done":
-                running -= 1
-            elif kind == "error":
-                cls, message, hint = payload
-                raise cls(message, hint)
-            else:
-                raise RuntimeError(f"a feature worker process failed:\n{payload}")
+                if kind == "progress":
+                    report(payload)
+                elif kind == "done":
+                    del open_ends[recv]
+                elif kind == "error":
+                    cls, message, hint = payload
+                    raise cls(message, hint)
+                else:
+                    raise RuntimeError(f"a feature worker process failed:\n{payload}")
     finally:
         for p in procs:
             if p.is_alive():
                 p.terminate()
             p.join()
-        messages.close()  # release the queue's lock and semaphore now, not at interpreter exit
-        messages.join_thread()
+        for recv, _ in pipes:
+            recv.close()
 
 
 def _worker(task: ShardTask, start: int, stop: int, threads: int, messages: Any) -> None:
     torch.set_num_threads(threads)
     try:
-        task(start, stop, lambda n: messages.put(("progress", n)))
-        messages.put(("done", None))
+        task(start, stop, lambda n: messages.send(("progress", n)))
+        messages.send(("done", None))
     except MmcaError as err:
-        messages.put(("error", (type(err), err.message, err.hint)))
+        messages.send(("error", (type(err), err.message, err.hint)))
     except BaseException:
-        messages.put(("crash", traceback.format_exc()))
+        messages.send(("crash", traceback.format_exc()))
+    finally:
+        messages.close()
