@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-split", default="dev")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--seed", type=int, default=None, help="seed of both runs (default: the preset's, 0)")
+    p.add_argument("--mining-precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="hardest-negative mining (default: the preset's, auto: bf16 only on bf16 hardware)")
     p.add_argument("--cache", type=Path, help="feature cache directory (default: ~/.cache/mmca)")
     add_feature_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
@@ -62,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     config = preset(args.preset)
     if args.seed is not None:
         config = config.replace(seed=args.seed)
+    if args.mining_precision is not None:
+        config = config.replace(mining_precision=args.mining_precision)
     features = feature_options(args)
     shard = init_from_env(args.device, args.dist_backend, args.dist_timeout)  # one shard without torchrun
     say = print if shard.main else (lambda *a, **k: None)
@@ -100,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
         from mmca.export import export_model_dir
         export_model_dir(runs["MMCA"][0] / "best.pt", model_dir,
                          command=f"mmca sample {args.dataset} --preset {args.preset}"
-                         + (f" --seed {args.seed}" if args.seed is not None else ""))
+                         + (f" --seed {args.seed}" if args.seed is not None else "")
+                         + (f" --mining-precision {args.mining_precision}" if args.mining_precision else ""))
     ours = {f"{k} [{dev_set.name} {dev_set.split}]": v for k, v in rows.items()}
     table = format_table({**ours, "paper, Flickr30K 1K": PAPER_RESULTS["Flickr30K 1K"]})
     total = time.perf_counter() - started
