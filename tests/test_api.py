@@ -121,7 +121,7 @@ def test_heatmap_of_a_result(retriever, images):
 
 @pytest.mark.parametrize("bad, message", [
     ([], "no images to encode"),
-    (["/nonexistent/photo.jpg"], "not an image"),
+    (["/nonexistent/photo.jpg"], "image not found"),
     ([42], "cannot encode int"),
     (np.zeros((2, 36, 99), np.float32), r"\(N, 36, 1280\)"),
     (np.zeros((0, 36, 1280), np.float32), r"\(N, 36, 1280\)"),
@@ -180,9 +180,78 @@ def test_export_refuses_to_overwrite_and_leaves_nothing_behind(checkpoint, tmp_p
     out = tmp_path / "model"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(MmcaError, match="not an empty directory"):
+    with pytest.raises(MmcaError, match="already exists"):
         export_model_dir(checkpoint, out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and [p.name for p in tmp_path.iterdir()] == ["model"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MmcaError, match="cannot write"):  # a file where a folder must go
+        export_model_dir(checkpoint, tmp_path / "file" / "model")
+
+
+def test_export_checks_the_model_first(checkpoint, tmp_path):
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["model"]["cross.ffn.0.weight" if "cross.ffn.0.weight" in payload["model"] else
+                     next(iter(payload["model"]))].view(-1)[0] = float("nan")
+    torch.save(payload, tmp_path / "nan.pt")
+    with pytest.raises(NonFiniteError):
+        export_model_dir(tmp_path / "nan.pt", tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
+def test_exported_config_holds_no_local_paths(model_dir):
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["feature_spec"]["text"]["model_dir"] is None
+    assert set(config["source"]) == {"file", "sha256"} and "/" not in config["source"]["file"]
+
+
+def test_weights_converted_to_fp16_load_as_float32(model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    half = tmp_path / "half"
+    shutil.copytree(model_dir, half)
+    weights = load_file(half / "model.safetensors")
+    save_file({k: v.half() for k, v in weights.items()}, str(half / "model.safetensors"))
+    r = mmca.load(half, device="cpu")
+    assert all(p.dtype == torch.float32 for p in r.model.parameters())
+    assert torch.isfinite(r.score(r.encode_images(np.zeros((1, 36, 1280), np.float32)), r.encode_texts(["a"]))).all()
+
+
+def test_a_training_run_folder_is_not_a_model_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text('{"epochs": 8}')
+    (run_dir / "best.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"neither a checkpoint file nor a model directory(?s:.*)best\.pt"):
+        mmca.load(run_dir)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda r, g: r.topk(r.encode_texts(["a"]), g, k=np.int64(2)), None),  # numpy integers are integers
+    (lambda r, g: r.heatmap("a dog", g, 0.7), "index must be an integer"),
+    (lambda r, g: r.heatmap("a dog", g, True), "index must be an integer"),
+    (lambda r, g: r.encode_texts(None), "not NoneType"),
+    (lambda r, g: r.encode_images(None), "cannot encode NoneType"),
+    (lambda r, g: r.search(str(g.paths[0]), r.encode_texts(["a"])), "with a sentence"),  # a str is a sentence
+])
+def test_more_bad_input_gets_clear_errors(retriever, images, call, message):
+    if message is None:
+        call(retriever, images)
+        return
+    with pytest.raises(DataError, match=message):
+        call(retriever, images)
+
+
+def test_load_options_are_checked(checkpoint):
+    from mmca.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        mmca.load(checkpoint, precision="fp16")
+    if not torch.cuda.is_available():
+        with pytest.raises(MmcaError, match="no CUDA device"):
+            mmca.load(checkpoint, device="cuda")
+    assert "load" in dir(mmca) and "Retriever" in dir(mmca)
 
 
 def test_a_model_directory_is_never_unpickled(model_dir, tmp_path):
@@ -196,6 +265,7 @@ def test_a_model_directory_is_never_unpickled(model_dir, tmp_path):
     (bad / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         mmca.load(bad)
+    shutil.copy(model_dir / "config.json", bad / "config.json")
     (bad / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="lacks model.safetensors"):
         mmca.load(bad)

@@ -8,8 +8,13 @@ The API lives in `mmca.api` (docs/api.md); it is imported on first use, so `impo
 the command line stay quick.
 """
 
+from typing import TYPE_CHECKING
+
 from mmca.config import ModelConfig, TrainConfig
 from mmca.errors import MmcaError
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` imports them on use
+    from mmca.api import Hit, ImageGallery, Retriever, TextGallery, load, open_index
 
 __version__ = "0.1.0"
 
@@ -21,6 +26,10 @@ def __getattr__(name: str):
         from mmca import api
         return getattr(api, name)
     raise AttributeError(f"module 'mmca' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))
 
 
 __all__ = ["ModelConfig", "MmcaError", "TrainConfig", "__version__", *_API]

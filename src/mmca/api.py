@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,9 +29,13 @@ from PIL import Image
 
 from mmca.data.dataset import TokenFeatures
 from mmca.engine import ImageBank, ScoringEngine, TextBank
-from mmca.engine.precision import resolve_precision
-from mmca.errors import DataError, MmcaError
+from mmca.engine.precision import CHOICES, resolve_precision
+from mmca.engine.scoring import full_fp32
+from mmca.errors import ConfigError, DataError, MmcaError
 from mmca.features.spec import ARRAYS, PRECOMP, FeatureSpec, extraction_options
+
+if TYPE_CHECKING:
+    from mmca.search import Searcher
 
 ImageLike = Union[str, Path, Image.Image]
 _owners = itertools.count()
@@ -74,14 +79,25 @@ class TextGallery:
 
 
 class Retriever:
-    """A trained MMCA model with its feature spec and scoring engine (see the module doc)."""
+    """A trained MMCA model with its feature spec and scoring engine (see the module doc).
+
+    The model is moved to `device` and put in eval mode (in place). The frozen extractors (image
+    backbone, text encoder) run on the CPU; the banks, scores and searches on `device`.
+    `text_encoder`: the folder of the encoder the model was trained with, where it is not the
+    installed default (checked against the spec before use)."""
 
     def __init__(self, model, spec: FeatureSpec, device: str | torch.device | None = None,
-                 precision: str = "auto", source: str | None = None):
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                 precision: str = "auto", source: str | None = None, text_encoder: str | Path | None = None):
+        if precision not in CHOICES:
+            raise ConfigError(f"precision must be one of {', '.join(CHOICES)}, not {precision!r}")
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise MmcaError(f"device {device} asked for, but this PyTorch sees no CUDA device",
+                            "use device='cpu', or install a CUDA build of PyTorch")
         self.choice = resolve_precision(precision, device, exact=True)
         self.model = model.to(device).eval()
         self.spec, self.device, self.source = spec, device, source
+        self.text_encoder_dir = text_encoder
         self.engine = ScoringEngine(self.model, device, self.choice.precision)
         self.owner = next(_owners)
         self._extractors: dict[str, Any] = {}
@@ -92,7 +108,8 @@ class Retriever:
     # ---- the frozen extractors of the spec (built on first use, checked against the spec) -----
     def _options(self) -> dict[str, Any]:
         if "options" not in self._extractors:
-            self._extractors["options"] = extraction_options(self.spec)  # refuses differing extractors
+            # refuses extractors that differ from the spec's
+            self._extractors["options"] = extraction_options(self.spec, text_encoder=self.text_encoder_dir)
         return self._extractors["options"]
 
     @property
@@ -128,7 +145,11 @@ class Retriever:
             return self._image_gallery(regions, names, [None] * len(names), batch_size)
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
-        items = list(images)
+        try:
+            items = list(images)
+        except TypeError:
+            raise DataError(f"cannot encode {type(images).__name__} as images",
+                            "pass file paths, a folder, PIL images, or one array of region features") from None
         paths: list[Path | None] = []
         photos: list[Any] = []
         for item in items:
@@ -137,6 +158,8 @@ class Retriever:
                 found = list_images(Path(item))
                 photos += found
                 paths += found
+            elif isinstance(item, (str, Path)) and not Path(item).exists():
+                raise DataError(f"image not found: {item}", "pass the path of an existing photo")
             elif isinstance(item, (str, Path, Image.Image)):
                 photos.append(Path(item) if isinstance(item, (str, Path)) else item)
                 paths.append(Path(item) if isinstance(item, (str, Path)) else None)
@@ -150,7 +173,9 @@ class Retriever:
         return self._image_gallery(regions, names, paths, batch_size)
 
     def _check_regions(self, regions: np.ndarray | torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(np.asarray(regions) if isinstance(regions, np.ndarray) else regions).float().cpu()
+        if isinstance(regions, np.ndarray) and not np.issubdtype(regions.dtype, np.number):
+            raise DataError(f"region features of dtype {regions.dtype}; numbers expected")
+        x = torch.as_tensor(regions).float().cpu()
         if x.dim() == 2:
             x = x[None]
         want = (self.spec.image.regions, self.spec.image.dim)
@@ -189,7 +214,10 @@ class Retriever:
         if isinstance(texts, str):
             raise DataError("encode_texts takes a list of sentences, not one string",
                             f"wrap it in a list: encode_texts([{texts[:30]!r}])")
-        texts = list(texts)
+        try:
+            texts = list(texts)
+        except TypeError:
+            raise DataError(f"encode_texts takes a list of sentences, not {type(texts).__name__}") from None
         if not texts:
             raise DataError("no sentences to encode", "pass a non-empty list of strings")
         for j, t in enumerate(texts):
@@ -203,7 +231,8 @@ class Retriever:
     # ---- scores and search ------------------------------------------------------------------
     def _require_own(self, gallery: ImageGallery | TextGallery, kind: type) -> None:
         if not isinstance(gallery, kind):
-            raise DataError(f"expected an {kind.__name__}, got {type(gallery).__name__}",
+            raise DataError(f"expected {'an' if kind is ImageGallery else 'a'} {kind.__name__}, "
+                            f"got {type(gallery).__name__}",
                             f"build it with {'encode_images' if kind is ImageGallery else 'encode_texts'}")
         if gallery.owner != self.owner:
             raise MmcaError("this gallery was encoded by another model (its banks are that model's projections)",
@@ -214,7 +243,8 @@ class Retriever:
         """The full score matrix S (N images x M sentences), every pair through the cross unit."""
         self._require_own(images, ImageGallery)
         self._require_own(texts, TextGallery)
-        return self.engine.full_scores(images.bank, texts.bank).cpu()
+        with full_fp32():  # the same float32 products as the exact top-k (no TF32 on GPUs)
+            return self.engine.full_scores(images.bank, texts.bank).cpu()
 
     @torch.no_grad()
     def topk(self, queries: ImageGallery | TextGallery, gallery: ImageGallery | TextGallery,
@@ -233,19 +263,24 @@ class Retriever:
             s, i = self.engine.topk_captions(queries.bank, gallery.bank, min(k, len(gallery)))
         return s.cpu(), i.cpu()
 
-    def search(self, query: str | ImageLike, gallery: ImageGallery | TextGallery, k: int = 10) -> list[Hit]:
-        """A sentence against a gallery of images, or a photo against a gallery of sentences:
-        the exact top-k, best first."""
+    def search(self, query: str | Path | Image.Image, gallery: ImageGallery | TextGallery,
+               k: int = 10) -> list[Hit]:
+        """A sentence (a `str`) against a gallery of images, or a photo (a `Path` or a PIL
+        image) against a gallery of sentences: the exact top-k, best first. A string is always
+        a sentence, whatever files exist: pass a photo as `Path("photo.jpg")`."""
         if isinstance(query, str) and isinstance(gallery, ImageGallery):
             queries = self.encode_texts([query])
             label = gallery.names
-        elif isinstance(gallery, TextGallery) and not (isinstance(query, str) and not Path(query).is_file()):
+        elif isinstance(query, (Path, Image.Image)) and isinstance(gallery, TextGallery):
             queries = self.encode_images(query)
             label = gallery.texts
         else:
-            what = "sentence" if isinstance(query, str) else type(query).__name__
-            raise DataError(f"cannot search a {type(gallery).__name__} with a {what}",
-                            "search images with a sentence, or sentences with a photo (a file or a PIL image)")
+            what = "a sentence (str)" if isinstance(query, str) else \
+                ("a photo" if isinstance(query, (Path, Image.Image)) else f"a {type(query).__name__}")
+            raise DataError(f"cannot search {'an' if isinstance(gallery, ImageGallery) else 'a'} "
+                            f"{type(gallery).__name__} with {what}",
+                            "search an ImageGallery with a sentence (str), a TextGallery with a photo "
+                            "(pathlib.Path or PIL image)")
         if len(queries) != 1:
             raise DataError(f"one query expected, got {len(queries)}", "use topk() for many queries at once")
         scores, ids = self.topk(queries, gallery, k)
@@ -260,40 +295,58 @@ class Retriever:
         from mmca.search.query import cross_token_region_attention
 
         self._require_own(images, ImageGallery)
-        if not 0 <= int(index) < len(images):
+        index = _integer(index, "index")
+        if not 0 <= index < len(images):
             raise DataError(f"no image {index} in a gallery of {len(images)}")
         texts = self.encode_texts([sentence])
         states, mask = texts.tokens.batch([0])
-        r = images.bank.r[int(index):int(index) + 1].float()
-        weights = cross_token_region_attention(self.model, r, states.to(self.device), mask.to(self.device))[0]
-        score = float(self.engine.pair_scores(images.bank, texts.bank, [int(index)], [0])[0])
+        r = images.bank.r[index:index + 1].float()
+        with full_fp32():
+            weights = cross_token_region_attention(self.model, r, states.to(self.device), mask.to(self.device))[0]
+            score = float(self.engine.pair_scores(images.bank, texts.bank, [index], [0])[0])
         ids, _ = self.text_encoder.tokenize([sentence])
         side = math.isqrt(r.shape[1])
         return {"tokens": self.text_encoder.tokenizer.convert_ids_to_tokens(ids[0]), "weights": weights.cpu(),
                 "region_mass": weights.sum(1).cpu(), "grid": side if side * side == r.shape[1] else None, "score": score}
 
 
+def _integer(x: Any, name: str) -> int:
+    """An int (numpy integers included; bools and floats refused)."""
+    if isinstance(x, bool):
+        raise DataError(f"{name} must be an integer, not {x!r}")
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise DataError(f"{name} must be an integer, not {x!r}") from None
+
+
 def _positive(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    k = _integer(k, "k")
+    if k < 1:
         raise DataError(f"k must be a positive integer, not {k!r}")
     return k
 
 
-def load(path: str | Path, device: str | torch.device | None = None, precision: str = "auto") -> Retriever:
+def load(path: str | Path, device: str | torch.device | None = None, precision: str = "auto",
+         text_encoder: str | Path | None = None) -> Retriever:
     """A retriever from a model directory (`mmca export`) or a checkpoint (`mmca train`).
-    precision "auto" is float32 for exact scores; "bf16" is obeyed (approximate)."""
+    precision "auto" is float32 for exact scores; "bf16" is obeyed (approximate).
+    text_encoder: the encoder's folder, where the model was trained with another than the
+    installed default."""
     from mmca.checkpoint import load_model_and_spec
 
     model, spec, _ = load_model_and_spec(path)
-    return Retriever(model, spec, device=device, precision=precision, source=str(path))
+    return Retriever(model, spec, device=device, precision=precision, source=str(path), text_encoder=text_encoder)
 
 
-def open_index(path: str | Path, checkpoint: str | Path | None = None):
-    """A persistent index (`mmca index`) with its model: `search_text(sentence, k)`,
-    `search_image_file(path, k)`, ... exactly as `mmca search` and the web page run them."""
+def open_index(path: str | Path, checkpoint: str | Path | None = None,
+               text_encoder: str | Path | None = None) -> "Searcher":
+    """A persistent index (`mmca index`) with its model, on the CPU: `search_text(sentence, k)`,
+    `search_image_file(path, k)`, ... exactly as `mmca search` and the web page run them; each
+    returns (results as dicts, SearchStats)."""
     from mmca.search import Searcher
 
-    return Searcher(path, checkpoint)
+    return Searcher(path, checkpoint, text_encoder=text_encoder)
 
 
 __all__ = ["Hit", "ImageGallery", "Retriever", "TextGallery", "load", "open_index"]

@@ -33,7 +33,7 @@ def checkpoint_spec(payload: dict[str, Any], path: str | Path) -> FeatureSpec:
     before mmca recorded it (their grid, input size and text encoder are unknown)."""
     if "feature_spec" not in payload:
         raise CheckpointError(
-            f"{path} records no feature spec: it was written by an older mmca (before 0.2), which did "
+            f"{path} records no feature spec: it was written by an older mmca (before feature specs), which did "
             "not store the grid, image size and text encoder the model was trained on",
             "retrain with this version (`mmca train`); evaluating it on guessed features could print "
             "wrong numbers without any warning")
@@ -41,7 +41,20 @@ def checkpoint_spec(payload: dict[str, Any], path: str | Path) -> FeatureSpec:
 
 
 def is_model_dir(path: str | Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / MODEL_DIR_FILES[0]).is_file()
+    """A folder `mmca export` wrote: its weights file, or a config.json of the model-directory
+    format (a training run's folder also holds a config.json, of another kind)."""
+    import json
+
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if (path / MODEL_DIR_FILES[1]).is_file():
+        return True
+    try:
+        config = json.loads((path / MODEL_DIR_FILES[0]).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("format") == MODEL_DIR_FORMAT
 
 
 def read_model_dir(path: str | Path) -> dict[str, Any]:
@@ -80,7 +93,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if is_model_dir(path):
         return read_model_dir(path)
     if path.is_dir():
+        best = path / "best.pt"
         raise CheckpointError(f"{path} is a directory, neither a checkpoint file nor a model directory",
+                              f"pass {best}" if best.is_file() else
                               "pass a .pt file written by `mmca train` (e.g. RUN_DIR/best.pt) or a directory "
                               "written by `mmca export`")
     if not path.is_file():
@@ -113,7 +128,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MM
         if want != have:
             bad = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
             raise ValueError(f"its weights do not match its config (e.g. {bad[0]})")
-        model.load_state_dict(weights, assign=True)
+        not_float = [k for k, v in weights.items() if not v.is_floating_point()]
+        if not_float:
+            raise ValueError(f"{not_float[0]} holds {weights[not_float[0]].dtype} values, not floats")
+        # weights saved in another float type (e.g. converted to fp16) run in the model's float32
+        model.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, assign=True)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise CheckpointError(f"{path} is not a usable mmca checkpoint: {err}",
                               "the file is damaged or was edited; use a checkpoint written by `mmca train`") from err

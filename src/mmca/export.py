@@ -6,42 +6,53 @@
     DIR/README.md          a short model card for people
 
 `mmca.load(DIR)` and every command that takes --checkpoint accept the directory. It is written
-next to its final place and renamed into it, so an interrupted export leaves nothing half-written.
+next to its final place, flushed, and renamed into it, so an interrupted export leaves nothing
+half-written. Where the text encoder lay on the exporting machine is left out (the spec keeps
+what identifies it: type, config hash, weight files, width, token limit).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mmca.checkpoint import MODEL_DIR_FORMAT, checkpoint_spec, is_model_dir, read_checkpoint
+from mmca.checkpoint import MODEL_DIR_FORMAT, checkpoint_spec, is_model_dir
 from mmca.errors import MmcaError
 from mmca.metrics import DIRECTIONS, RECALL_AT
 
 
 def export_model_dir(checkpoint: str | Path, out: str | Path, command: str | None = None) -> Path:
     """Write the model of `checkpoint` (a .pt file or another model directory) to `out`, which
-    must not exist yet (or be empty). `command`: how the model was made, for the model card."""
-    from safetensors.torch import save_file
-
+    must not exist yet. The model is loaded and checked first (shapes, finite weights), so an
+    export is always loadable. `command`: how the model was made, for the model card."""
     from mmca import __version__
+    from mmca.checkpoint import load_model
+    from mmca.engine.scoring import require_finite_weights
     from mmca.search.index import checkpoint_identity
 
     checkpoint, out = Path(checkpoint), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MmcaError(f"{out} already exists and is not an empty directory",
-                        "choose a new directory for the export (nothing was overwritten)")
-    payload = read_checkpoint(checkpoint)
+    if out.exists() or out.is_symlink():
+        raise MmcaError(f"{out} already exists", "choose a new directory for the export (nothing was overwritten)")
+    model, payload = load_model(checkpoint)  # the shape checks of every load
+    require_finite_weights(model)
     spec = checkpoint_spec(payload, checkpoint)
-    weights = {k: v.contiguous() for k, v in payload["model"].items()}
-    source = payload.get("source") if is_model_dir(checkpoint) else checkpoint_identity(checkpoint)
+    # where the text encoder lay on this machine is provenance, not identity: a model directory
+    # travels, and a path in it must not decide which local folder a later load reads
+    spec = replace(spec, text=replace(spec.text, model_dir=None))
+    if is_model_dir(checkpoint):
+        source = payload.get("source")
+    else:
+        ident = checkpoint_identity(checkpoint)
+        source = {"file": Path(ident["path"]).name, "sha256": ident["sha256"]}
     config: dict[str, Any] = {
         "format": MODEL_DIR_FORMAT,
         "mmca_version": __version__,
-        "config": payload["config"],
+        "config": model.config.to_dict(),
         "feature_spec": spec.to_dict(),
         "train_config": payload.get("train_config"),
         "epoch": payload.get("epoch"),
@@ -49,6 +60,19 @@ def export_model_dir(checkpoint: str | Path, out: str | Path, command: str | Non
         "source": source,
         "command": command or payload.get("command"),
     }
+    try:
+        _write(out, {k: v.contiguous() for k, v in model.state_dict().items()}, config)
+    except OSError as err:
+        raise MmcaError(f"cannot write {out}: {err.strerror or err}",
+                        "choose a directory you can write to, on a disk with room") from err
+    return out
+
+
+def _write(out: Path, weights: dict, config: dict[str, Any]) -> None:
+    """The three files in a temporary folder next to `out`, flushed to disk, then renamed into
+    place: a crash leaves no half-written model directory."""
+    from safetensors.torch import save_file
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
@@ -56,19 +80,26 @@ def export_model_dir(checkpoint: str | Path, out: str | Path, command: str | Non
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(model_card(config), encoding="utf-8")
         _readable(tmp)
-        if out.exists():
-            out.rmdir()
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
         tmp.rename(out)
+        _fsync(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _readable(folder: Path) -> None:
     """Permissions of a normal folder (the umask's), not mkdtemp's owner-only 0700."""
-    import os
-
     umask = os.umask(0)
     os.umask(umask)
     folder.chmod(0o777 & ~umask)
@@ -82,7 +113,8 @@ def model_card(config: dict[str, Any]) -> str:
     from mmca.features.spec import FeatureSpec
 
     spec = FeatureSpec.from_dict(config["feature_spec"])
-    model, train = config["config"], config.get("train_config") or {}
+    model, train = config["config"], config.get("train_config")
+    train = train if isinstance(train, dict) else {}
     lines = ["# MMCA model", "",
              "Multi-Modality Cross Attention (Wei et al., CVPR 2020) for image-sentence matching, "
              f"exported by mmca {config['mmca_version']}.", "",
@@ -99,18 +131,19 @@ def model_card(config: dict[str, Any]) -> str:
                   + (f"; cross module from epoch {train['cross_from_epoch'] + 1}" if train.get("cross_from_epoch")
                      else "") + ("; mirrored photos" if train.get("mirror_images") else "") + ".", ""]
     metrics = config.get("metrics")
-    if metrics:
+    keys = [f"{d}_r{k}" for d in DIRECTIONS for k in RECALL_AT] + ["rsum"]
+    if isinstance(metrics, dict) and all(isinstance(metrics.get(k), (int, float)) for k in keys):
         head = [f"{d} R@{k}" for d in DIRECTIONS for k in RECALL_AT] + ["rsum"]
-        keys = [f"{d}_r{k}" for d in DIRECTIONS for k in RECALL_AT] + ["rsum"]
         lines += [f"## Validation (epoch {config.get('epoch')}, the epoch this model was chosen on)", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
                   "| " + " | ".join(f"{metrics[k]:.1f}" for k in keys) + " |", ""]
     if config.get("command"):
         lines += ["## Made with", "", "```", config["command"], "```", ""]
     source = config.get("source") or {}
-    if source.get("sha256"):
-        lines += [f"Exported from `{Path(source['path']).name}` (sha256 {source['sha256'][:16]}…).", ""]
-    lines += ["## Use", "", "```python", "import mmca", "r = mmca.load(\"DIR\")",
+    if isinstance(source, dict) and source.get("sha256"):
+        name = source.get("file") or Path(str(source.get("path", "checkpoint"))).name
+        lines += [f"Exported from `{name}` (sha256 {str(source['sha256'])[:16]}…).", ""]
+    lines += ["## Use", "", "```python", "import mmca", "r = mmca.load(\"path/to/this/directory\")",
               "images = r.encode_images([\"photo1.jpg\", \"photo2.jpg\"])",
               "for hit in r.search(\"a dog runs on the beach\", images, k=5):",
               "    print(hit.score, hit.item)", "```", "",

@@ -13,13 +13,15 @@ DESCRIPTION = """\
 The directory holds config.json (model config, feature spec, training config, the dev metrics
 the checkpoint was chosen on, the mmca version), model.safetensors (the weights) and README.md
 (a model card). `mmca.load(DIR)` and every command that takes --checkpoint accept it; loading
-it never unpickles anything. DIR must not exist yet (or be empty).
+it never unpickles anything. The model is loaded and checked (shapes, finite weights) before
+anything is written. DIR must not exist yet.
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a .pt file written by `mmca train`")
-    p.add_argument("out", type=Path, metavar="DIR", help="the model directory to write")
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
+                   help="a .pt file written by `mmca train` (or another model directory)")
+    p.add_argument("out", type=Path, metavar="DIR", help="the model directory to write (must not exist yet)")
     p.add_argument("--made-with", default=None, metavar="COMMAND",
                    help="the command that trained the model (shown in the model card)")
 

@@ -100,9 +100,16 @@ def run(args: argparse.Namespace) -> int:
     if not shard.main:
         return 0
     model_dir = args.out / "model"  # the full model, ready for `mmca.load` / `mmca index`
-    if not model_dir.exists():
+    best_pt = runs["MMCA"][0] / "best.pt"
+    if model_dir.exists():
+        from mmca.search.index import checkpoint_identity
+        exported = json.loads((model_dir / "config.json").read_text()).get("source") or {}
+        if exported.get("sha256") != checkpoint_identity(best_pt)["sha256"]:
+            print(f"mmca sample: note: {model_dir} was exported from an earlier {best_pt}; "
+                  f"remove it and run again to export this one", flush=True)
+    else:
         from mmca.export import export_model_dir
-        export_model_dir(runs["MMCA"][0] / "best.pt", model_dir,
+        export_model_dir(best_pt, model_dir,
                          command=f"mmca sample {args.dataset} --preset {args.preset}"
                          + (f" --seed {args.seed}" if args.seed is not None else "")
                          + (f" --mining-precision {args.mining_precision}" if args.mining_precision else ""))

@@ -54,9 +54,17 @@ def _identity(part: ImageSpec | TextSpec) -> dict[str, Any]:
     return {f.name: getattr(part, f.name) for f in fields(part) if f.name not in part._PROVENANCE}
 
 
+_INTS = ("regions", "dim", "grid", "image_size", "max_tokens")
+
+
 def _part_from_dict(cls, raw: dict[str, Any]):
     known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in raw.items() if k in known})
+    values = {k: v for k, v in raw.items() if k in known}
+    for k, v in values.items():
+        bad_int = k in _INTS and v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1)
+        if bad_int or (k not in _INTS and v is not None and not isinstance(v, str)):
+            raise TypeError(f"{cls.__name__}.{k} = {v!r}")
+    return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -175,7 +183,8 @@ def extraction_options(spec: FeatureSpec, grid: int | None = None, text_encoder:
         raise CheckpointError("options contradict the model's feature spec: " + "; ".join(clashes),
                               "leave these flags out: mmca adopts the features the model was trained with")
     encoder_dir = text_encoder
-    if encoder_dir is None and spec.text.model_dir and Path(spec.text.model_dir).is_dir():
+    recorded = Path(spec.text.model_dir) if spec.text.model_dir else None
+    if encoder_dir is None and recorded is not None and recorded.is_absolute() and recorded.is_dir():
         encoder_dir = spec.text.model_dir  # else the default encoder, checked against the spec below
     opts = {"grid": spec.image.grid if spec.image.grid is not None else (grid or 6), "text_encoder": encoder_dir,
             "max_tokens": spec.text.max_tokens if spec.text.max_tokens is not None else (max_tokens or 64)}
@@ -193,7 +202,8 @@ def _precheck(spec: FeatureSpec, opts: dict[str, Any]) -> None:
         found = FeatureSpec(spec.image, text_spec(TextEncoder(opts["text_encoder"], opts["max_tokens"])))
         where = opts["text_encoder"] or "the default all-MiniLM-L6-v2"
         spec.require_match(found, "the model", f"the text encoder {where}",
-                           f"pass --text-encoder with the encoder the model was trained with ({spec.text.model_dir})")
+                           f"pass --text-encoder (Python: text_encoder=) with the encoder the model was trained with"
+                           f" ({spec.text.model_dir or spec.text.model_type})")
     if spec.image.source not in (PRECOMP, ARRAYS):
         found = FeatureSpec(image_spec(ImageBackbone(opts["grid"])), spec.text)
         spec.require_match(found, "the model", "the installed image backbone",

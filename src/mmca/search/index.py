@@ -71,7 +71,11 @@ def checkpoint_identity(path: str | Path) -> dict[str, Any]:
 
     path = Path(path).resolve()
     if is_model_dir(path):
-        parts = "".join(file_sha256(path / name) for name in MODEL_DIR_FILES if (path / name).is_file())
+        missing = [name for name in MODEL_DIR_FILES if not (path / name).is_file()]
+        if missing:
+            raise CheckpointError(f"model directory {path} lacks {', '.join(missing)}",
+                                  "export it again with `mmca export CHECKPOINT DIR`")
+        parts = "".join(file_sha256(path / name) for name in MODEL_DIR_FILES)
         return {"path": str(path), "sha256": hashlib.sha256(parts.encode()).hexdigest()}
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}",
