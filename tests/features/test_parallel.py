@@ -14,8 +14,11 @@ from mmca.features.parallel import run_sharded
 
 
 def count(start: int, stop: int, report) -> None:
-    for _ in range(start, stop):
-        report(1)
+    from tqdm import tqdm
+
+    with tqdm(total=stop - start, disable=True):  # as the real extractors do
+        for _ in range(start, stop):
+            report(1)
 
 
 def refuse(start: int, stop: int, report) -> None:
@@ -49,7 +52,9 @@ def test_a_worker_that_dies_is_an_error_not_a_hang():
 def test_no_resource_tracker_warning_at_exit():
     code = ("from mmca.features.parallel import run_sharded\n"
             "from test_parallel import count\n"
-            "run_sharded(count, 6, 2, lambda n: None)\n")
+            "if __name__ == '__main__':\n"
+            "    for _ in range(3):\n"
+            "        run_sharded(count, 6, 2, lambda n: None)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), *sys.path])}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import wait
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from mmca.errors import MmcaError
 
@@ -47,9 +49,9 @@ def run_sharded(task: ShardTask, total: int, workers: int, report: Callable[[int
 
     The first error stops every worker; an `MmcaError` is raised again here unchanged (same
     message and hint), anything else as a RuntimeError carrying the worker's traceback.
-    Each worker reports through its own pipe: a pipe holds no semaphore, so nothing is left
-    for Python's resource tracker to warn about at exit (a shared Queue's lock and semaphore
-    were reported as "leaked" when the job ended).
+    Each worker reports through its own pipe and uses a thread lock for its (disabled) progress
+    bars: no named semaphore is created in a worker, so Python's resource tracker has nothing
+    to report as "leaked" when the job ends.
     """
     ctx = mp.get_context("spawn")  # fork is unsafe once torch has started its thread pools
     threads = max(1, available_cpus() // workers)
@@ -63,6 +65,7 @@ def run_sharded(task: ShardTask, total: int, workers: int, report: Callable[[int
         p.start()
     for _, send in pipes:
         send.close()  # the children hold their ends: EOF here once a child is gone
+    completed = False
     try:
         open_ends = {recv: proc for (recv, _), proc in zip(pipes, procs)}
         while open_ends:
@@ -80,16 +83,24 @@ def run_sharded(task: ShardTask, total: int, workers: int, report: Callable[[int
                     raise cls(message, hint)
                 else:
                     raise RuntimeError(f"a feature worker process failed:\n{payload}")
+        completed = True
     finally:
         for p in procs:
+            # a finished worker is still running its exit handlers: let it (a SIGTERM there
+            # would leave what they release registered with the resource tracker)
+            p.join(timeout=30 if completed else 0)
             if p.is_alive():
                 p.terminate()
-            p.join()
+                p.join()
         for recv, _ in pipes:
             recv.close()
 
 
 def _worker(task: ShardTask, start: int, stop: int, threads: int, messages: Any) -> None:
+    # tqdm's default lock is a multiprocessing RLock (a named semaphore registered with the
+    # parent's resource tracker); a worker exits without running finalizers, so the tracker
+    # would report it as "leaked" when the job ends. A worker's bars need only a thread lock.
+    tqdm.set_lock(threading.RLock())
     torch.set_num_threads(threads)
     try:
         task(start, stop, lambda n: messages.send(("progress", n)))
