@@ -67,7 +67,7 @@ class RandomTokens:
         return tokens, torch.arange(n)[None] < torch.as_tensor(lengths)[:, None]
 
 
-def _sync(device) -> None:
+def sync_device(device) -> None:
     """Wait for the device's queued work (CUDA runs asynchronously: a timing needs it)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -76,10 +76,10 @@ def _sync(device) -> None:
 def _best_rate(fn, pairs: int, device="cpu", repeat: int = 2) -> float:
     best = 0.0
     for _ in range(repeat):
-        _sync(device)
+        sync_device(device)
         t = time.perf_counter()
         fn()
-        _sync(device)
+        sync_device(device)
         best = max(best, pairs / (time.perf_counter() - t))
     return best
 
@@ -110,10 +110,10 @@ def gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, device, seconds: float
     a @ b
     best, spent = float("inf"), 0.0
     while spent < seconds:
-        _sync(device)
+        sync_device(device)
         t = time.perf_counter()
         a @ b
-        _sync(device)
+        sync_device(device)
         dt = time.perf_counter() - t
         best, spent = min(best, dt), spent + dt
     return 2 * m * k * n / best / 1e9
@@ -182,7 +182,7 @@ def bench_training(config, args, log) -> dict:
         model = MMCA(config).to(args.device).train()
         opt = torch.optim.Adam(model.parameters(), lr=2e-4)
         stats = {}
-        _sync(args.device)
+        sync_device(args.device)
         t = time.perf_counter()
         if kind == "mined":
             loss = mined_loss(model, regions, tokens, mask, precision=args.mine_precision, stats=stats)
@@ -191,7 +191,7 @@ def bench_training(config, args, log) -> dict:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        _sync(args.device)
+        sync_device(args.device)
         return time.perf_counter() - t, float(loss.detach()), stats
 
     mining = resolve_precision(args.mine_precision, args.device)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from mmca.config import ModelConfig
 from mmca.data.dataset import RetrievalDataset, TokenFeatures
 from mmca.dist import Shard, init_from_env
-from mmca.engine.benchmark import RandomImages, RandomTokens
+from mmca.engine.benchmark import RandomImages, RandomTokens, sync_device
 from mmca.engine.global_batch import average_gradients, global_mined_loss
 from mmca.engine.mining import mined_loss
 from mmca.errors import MmcaError
@@ -43,7 +43,7 @@ class CollectiveClock:
     each call is synchronised first and last, so the time is the collective's, not its launch's)."""
 
     def __init__(self, device: torch.device):
-        self.seconds, self.calls, self.cuda = 0.0, 0, device.type == "cuda"
+        self.seconds, self.calls, self.device = 0.0, 0, device
 
     @contextmanager
     def timing(self):
@@ -51,12 +51,12 @@ class CollectiveClock:
 
         def timed(fn):
             def call(*args, **kwargs):
-                self._sync()
+                sync_device(self.device)
                 t = time.perf_counter()
                 try:
                     return fn(*args, **kwargs)
                 finally:
-                    self._sync()
+                    sync_device(self.device)
                     self.seconds += time.perf_counter() - t
                     self.calls += 1
             return call
@@ -69,10 +69,6 @@ class CollectiveClock:
             for name, fn in originals.items():
                 setattr(dist, name, fn)
 
-    def _sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
 
 def random_gallery(images: int, dim_img: int, dim_txt: int, regions: int, per: int = 5) -> RetrievalDataset:
     """A gallery of random features with realistic caption lengths (the benchmark's default)."""
@@ -84,11 +80,6 @@ def random_gallery(images: int, dim_img: int, dim_txt: int, regions: int, per: i
                             captions=[""] * (images * per), caption_image=np.repeat(np.arange(images), per),
                             captions_per_image=per, image_features=feats,
                             token_features=TokenFeatures(states, offsets))
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_training_step(config: ModelConfig, args, shard: Shard, device: torch.device) -> dict:
@@ -106,7 +97,7 @@ def time_training_step(config: ModelConfig, args, shard: Shard, device: torch.de
     times, comm = [], []
     for step in range(args.steps + 1):
         before = clock.seconds
-        _synchronize(device)
+        sync_device(device)
         t = time.perf_counter()
         with clock.timing():
             if shard.world == 1:
@@ -120,7 +111,7 @@ def time_training_step(config: ModelConfig, args, shard: Shard, device: torch.de
             loss.backward()
             average_gradients(model.parameters(), shard)
             opt.step()
-        _synchronize(device)
+        sync_device(device)
         if step:  # the first step is a warm-up
             times.append(time.perf_counter() - t)
             comm.append(clock.seconds - before)
