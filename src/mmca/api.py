@@ -17,7 +17,6 @@ the retriever that encoded it: banks are projections through that model's weight
 from __future__ import annotations
 
 import itertools
-import math
 import operator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +71,7 @@ class TextGallery:
     bank: TextBank
     texts: list[str]
     tokens: TokenFeatures
+    ids: list[list[int]]  # token ids per sentence ([CLS] ... [SEP])
     owner: int
 
     def __len__(self) -> int:
@@ -224,8 +224,9 @@ class Retriever:
                 raise DataError(f"sentence {j} is a {type(t).__name__}, not a string", "pass strings only")
             if not t.strip():
                 raise DataError(f"sentence {j} is empty", "remove empty sentences (they carry no query)")
-        tokens = self.text_encoder.encode(texts, progress=progress)
-        return TextGallery(self.engine.text_bank(tokens), texts, tokens, self.owner)
+        ids, _ = self.text_encoder.tokenize(texts)
+        tokens = self.text_encoder.encode_ids(ids, progress=progress)
+        return TextGallery(self.engine.text_bank(tokens), texts, tokens, ids, self.owner)
 
     # ---- scores and search ------------------------------------------------------------------
     def _require_own(self, gallery: ImageGallery | TextGallery, kind: type) -> None:
@@ -285,28 +286,20 @@ class Retriever:
         scores, ids = self.topk(queries, gallery, k)
         return [Hit(int(j), float(v), label[int(j)]) for v, j in zip(scores[0].tolist(), ids[0].tolist())]
 
-    @torch.no_grad()
     def heatmap(self, sentence: str, images: ImageGallery, index: int) -> dict[str, Any]:
         """Where each word of `sentence` looks in image `index`: the cross unit's attention of
         each token over the image's regions (averaged over heads) -> tokens, weights
         (tokens x regions; a row's remaining mass goes to the sentence's own tokens),
         region_mass (per token), the grid side, and the pair's score."""
-        from mmca.search.query import cross_token_region_attention
+        from mmca.search.query import token_heatmap
 
         self._require_own(images, ImageGallery)
         index = _integer(index, "index")
         if not 0 <= index < len(images):
             raise DataError(f"no image {index} in a gallery of {len(images)}")
         texts = self.encode_texts([sentence])
-        states, mask = texts.tokens.batch([0])
-        r = images.bank.r[index:index + 1].float()
-        with full_fp32():
-            weights = cross_token_region_attention(self.model, r, states.to(self.device), mask.to(self.device))[0]
-            score = float(self.engine.pair_scores(images.bank, texts.bank, [index], [0])[0])
-        ids, _ = self.text_encoder.tokenize([sentence])
-        side = math.isqrt(r.shape[1])
-        return {"tokens": self.text_encoder.tokenizer.convert_ids_to_tokens(ids[0]), "weights": weights.cpu(),
-                "region_mass": weights.sum(1).cpu(), "grid": side if side * side == r.shape[1] else None, "score": score}
+        return token_heatmap(self.engine, self.text_encoder.tokenizer, texts.ids[0], texts.tokens, texts.bank,
+                             images.bank, index)
 
 
 def _integer(x: Any, name: str) -> int:

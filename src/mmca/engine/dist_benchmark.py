@@ -43,7 +43,7 @@ class CollectiveClock:
     each call is synchronised first and last, so the time is the collective's, not its launch's)."""
 
     def __init__(self, device: torch.device):
-        self.seconds, self.calls, self.device = 0.0, 0, device
+        self.seconds, self.device = 0.0, device
 
     @contextmanager
     def timing(self):
@@ -58,7 +58,6 @@ class CollectiveClock:
                 finally:
                     sync_device(self.device)
                     self.seconds += time.perf_counter() - t
-                    self.calls += 1
             return call
 
         for name, fn in originals.items():

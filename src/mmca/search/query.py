@@ -31,6 +31,7 @@ from PIL import Image
 
 from mmca.checkpoint import load_model
 from mmca.engine import ImageBank, ScoringEngine
+from mmca.engine.scoring import full_fp32
 from mmca.errors import CheckpointError, DataError, MmcaError
 from mmca.features.backbone import IMAGE_SIZE, MIN_SIDE, fit_photo
 from mmca.search.index import GalleryIndex, backbone_identity, text_encoder_identity
@@ -315,17 +316,11 @@ class Searcher:
         text, image_id = check_text(text), self.check_image_id(image_id)
         with self.lock:
             ids, tokens, tb = self._encode(text)
-            states, mask = tokens.batch([0])
-            r = self.index.image_rows([image_id], ("r",))["r"]
-            weights = cross_token_region_attention(self.model, r, states, mask)[0]
-            score = float(self.engine.pair_scores(self.bank_for([image_id]), tb, [0], [0])[0])
-        k = r.shape[1]
-        side = int(math.isqrt(k))
-        words = self.encoder.tokenizer.convert_ids_to_tokens(ids)
+            hm = token_heatmap(self.engine, self.encoder.tokenizer, ids, tokens, tb, self.bank_for([image_id]), 0)
         known = [self.index.captions[j] for j in np.nonzero(self.index.caption_image == image_id)[0]]
-        return {"image": image_id, "name": self.index.image_names[image_id], "tokens": words,
-                "grid": side if side * side == k else None, "regions": k, "weights": weights.tolist(),
-                "region_mass": weights.sum(1).tolist(), "score": score, "captions": known}
+        return {**hm, "image": image_id, "name": self.index.image_names[image_id],
+                "regions": hm["weights"].shape[1], "weights": hm["weights"].tolist(),
+                "region_mass": hm["region_mass"].tolist(), "captions": known}
 
     def warm_up(self) -> float:
         """Run every kind of query once (text encoder, engine, heat map, and the image backbone
@@ -363,6 +358,24 @@ def merge_topk(scores_a: torch.Tensor, ids_a: torch.Tensor, scores_b: torch.Tens
     scores, ids = torch.cat([scores_a, scores_b]), torch.cat([ids_a, ids_b])
     keep = torch.from_numpy(np.lexsort((ids.numpy(), -scores.numpy()))[:k])
     return scores[keep], ids[keep]
+
+
+@torch.no_grad()
+def token_heatmap(engine: ScoringEngine, tokenizer, ids, tokens, texts, images: ImageBank, index: int) -> dict[str, Any]:
+    """Where each token of one sentence looks in image `index` of `images`: its cross-unit
+    attention over the regions (mean over heads; the rest of each row goes to the sentence's
+    own tokens), and the pair's full score. `ids`, `tokens`, `texts`: the sentence's token ids,
+    token states and one-caption bank. -> tokens (words), weights (n, k), region_mass (n),
+    grid side (None if k is not a square), score."""
+    states, mask = tokens.batch([0])
+    r = images.r[index:index + 1].float()
+    with full_fp32():
+        weights = cross_token_region_attention(engine.model, r, states.to(engine.device), mask.to(engine.device))[0]
+        score = float(engine.pair_scores(images, texts, [index], [0])[0])
+    side = math.isqrt(r.shape[1])
+    return {"tokens": tokenizer.convert_ids_to_tokens(ids), "weights": weights.cpu(),
+            "region_mass": weights.sum(1).cpu(), "grid": side if side * side == r.shape[1] else None,
+            "score": score}
 
 
 def cross_token_region_attention(model, r: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
