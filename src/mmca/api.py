@@ -119,8 +119,8 @@ class Retriever:
                             f"pass region features (N x {self.spec.image.regions} x {self.spec.image.dim}) "
                             "to encode_images")
         if "backbone" not in self._extractors:
-            from mmca.features import ImageBackbone
-            self._extractors["backbone"] = ImageBackbone(self._options()["grid"])
+            from mmca.features.spec import image_backbone
+            self._extractors["backbone"] = image_backbone(self._options())
         return self._extractors["backbone"]
 
     @property
@@ -186,7 +186,6 @@ class Retriever:
 
     def _extract(self, photos: list[Any], batch_size: int, progress: bool) -> torch.Tensor:
         """Region features of photos, as `mmca index` computes them (same decoding and resizing)."""
-        from mmca.features.backbone import fit_photo
         from mmca.search.build import require_images
 
         backbone = self.backbone
@@ -200,7 +199,7 @@ class Retriever:
             if isinstance(photo, Path):
                 backbone.extract_files([photo], out[i:i + 1])
             else:
-                rgb = torch.from_numpy(fit_photo(photo)).permute(2, 0, 1)[None]
+                rgb = torch.from_numpy(backbone.fit_photo(photo)).permute(2, 0, 1)[None]
                 out[i] = backbone.extract_grid(rgb).float().numpy()[0]
         return torch.from_numpy(out)
 

@@ -18,7 +18,7 @@ import torch
 from mmca.data.dataset import RetrievalDataset
 from mmca.errors import DataError, MmcaError
 from mmca.features import cache
-from mmca.features.backbone import ImageBackbone, load_image
+from mmca.features.backbone import ImageBackbone
 from mmca.features.prepare import PreparedSplit, open_dataset, prepare_split
 from mmca.features.text_encoder import TextEncoder
 
@@ -41,7 +41,7 @@ def test_features_match_the_models_and_second_call_reuses(
     data = first.dataset
     assert (data.num_images, data.num_captions) == (10, 50)
     assert data.image_features.shape == (10, 36, 1280) and data.image_features.dtype == np.float16
-    images = torch.from_numpy(np.stack([load_image(p) for p in data.image_paths[:2]])).permute(0, 3, 1, 2)
+    images = torch.from_numpy(np.stack([backbone.load_image(p) for p in data.image_paths[:2]])).permute(0, 3, 1, 2)
     np.testing.assert_allclose(data.image_features[:2], backbone.extract_grid(images).numpy(), atol=1e-2, rtol=1e-2)
     alone = encoder.encode([data.captions[7]])
     a, b = data.token_features.offsets[7:9]
@@ -185,7 +185,7 @@ def test_mirrored_view_is_the_grid_of_the_flipped_photo_and_is_cached(
     data = first.dataset
     (mirrored,) = data.image_views
     assert mirrored.shape == data.image_features.shape
-    photos = torch.from_numpy(np.stack([load_image(p)[:, ::-1] for p in data.image_paths[:2]])).permute(0, 3, 1, 2)
+    photos = torch.from_numpy(np.stack([backbone.load_image(p)[:, ::-1] for p in data.image_paths[:2]])).permute(0, 3, 1, 2)
     np.testing.assert_allclose(mirrored[:2], backbone.extract_grid(photos).numpy(), atol=1e-2, rtol=1e-2)
     assert np.abs(mirrored[:2].astype(np.float32) - data.image_features[:2]).mean() > 0.05
     views = data.image_batch([0, 1, 1], views=[1, 0, 1]).numpy()

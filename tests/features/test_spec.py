@@ -87,11 +87,19 @@ def test_clear_errors_for_old_and_mismatched_checkpoints(make_dataset, spec6, tm
     assert "records no feature spec" in capsys.readouterr().err
     assert not list(tmp_path.glob("eval-*.json"))
 
+    # a model of 224 px features gets 224 px features (the spec's input size is adopted) ...
     old = replace(spec6, image=replace(spec6.image, image_size=224))
     ckpt224 = save_checkpoint(tmp_path / "old224.pt", small_model(), old)
-    assert cli("evaluate", root, "--checkpoint", ckpt224, "--cache", tmp_path / "cache") == 2
-    err = capsys.readouterr().err
-    assert "image image_size: 224 vs 352" in err and "what to do" in err
+    assert cli("evaluate", root, "--checkpoint", ckpt224, "--cache", tmp_path / "cache") == 0
+    assert "features: mobilenet_v2 224 px, grid 6" in capsys.readouterr().out
+    # ... and flags that contradict the spec are refused before any feature is computed
+    assert cli("evaluate", root, "--checkpoint", ckpt224, "--cache", tmp_path / "cache", "--image-size", "352") == 2
+    assert "--image-size 352 (trained at 224 px)" in capsys.readouterr().err
+    assert cli("evaluate", root, "--checkpoint", ckpt224, "--backbone", "efficientnet_lite2") == 2
+    assert "--backbone efficientnet_lite2 (the model was trained on mobilenet_v2 features)" in capsys.readouterr().err
+    unknown = replace(spec6, image=replace(spec6.image, source="resnet152"))
+    assert cli("evaluate", root, "--checkpoint", save_checkpoint(tmp_path / "r.pt", small_model(), unknown)) == 2
+    assert "resnet152 features, a backbone this mmca does not know" in capsys.readouterr().err
 
 
 def test_train_records_the_spec_and_init_from_checks_it(make_dataset, spec6, spec7, tmp_path):

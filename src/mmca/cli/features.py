@@ -1,5 +1,5 @@
-"""The feature flags shared by the commands that compute features (--grid, --text-encoder,
---max-tokens), how a command that has a checkpoint adopts the checkpoint's feature spec, and
+"""The feature flags shared by the commands that compute features (--backbone, --image-size,
+--grid, --text-encoder, --max-tokens), how a command that has a checkpoint adopts the checkpoint's feature spec, and
 the argument types they share."""
 
 from __future__ import annotations
@@ -40,23 +40,43 @@ def port_number(text: str) -> int:
 
 def add_feature_arguments(p: argparse.ArgumentParser, adopts: bool = False) -> None:
     """`adopts`: the command has a checkpoint whose feature spec is the default."""
+    from mmca.features.backbone import BACKBONES, DEFAULT_BACKBONE
+
     default = "the checkpoint's" if adopts else None
+    size_default = default or "the backbone's own"
+    names = ", ".join(f"{e.name} ({e.imagenet_top1}%% ImageNet top-1, {e.image_size} px)" for e in BACKBONES.values())
+    p.add_argument("--backbone", choices=sorted(BACKBONES), default=None, metavar="NAME",
+                   help=f"image backbone: {names} (default: {default or DEFAULT_BACKBONE})")
+    p.add_argument("--image-size", type=image_side, default=None, metavar="PX",
+                   help=f"input side the photos are squashed to, in pixels (default: {size_default})")
     p.add_argument("--grid", type=int, default=None, choices=(6, 7),
                    help=f"image regions per side (default: {default or DEFAULT_GRID})")
-    p.add_argument("--text-encoder", type=Path, metavar="DIR",
-                   help="a local BERT-family model directory, e.g. BERT-base "
-                        f"(default: {default or 'all-MiniLM-L6-v2, shipped offline'})")
+    p.add_argument("--text-encoder", type=Path, metavar="NAME|DIR",
+                   help="a registered text encoder (minilm: all-MiniLM-L6-v2, 384-d; mpnet: all-mpnet-base-v2, "
+                        "768-d, from its optional wheels) or a local BERT-family model directory "
+                        f"(transformers or sentence-transformers layout) (default: {default or 'minilm'})")
     p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N",
                    help=f"token limit per caption, [CLS] and [SEP] included (default: {default or DEFAULT_MAX_TOKENS})")
 
 
+def image_side(text: str) -> int:
+    """An argparse type: an input side in pixels."""
+    from mmca.features.backbone import MAX_IMAGE_SIZE
+
+    return _int_in(text, 64, MAX_IMAGE_SIZE)
+
+
 def feature_options(args: argparse.Namespace, spec: FeatureSpec | None = None) -> dict[str, Any]:
-    """grid / text_encoder / max_tokens for `open_dataset`: those of a checkpoint's feature
-    spec when there is one (explicit flags must agree with it), else the flags or their defaults."""
+    """backbone / image_size / grid / text_encoder / max_tokens for `open_dataset`: those of a
+    checkpoint's feature spec when there is one (explicit flags must agree with it), else the
+    flags or their defaults."""
+    from mmca.features.backbone import DEFAULT_BACKBONE
+
     if spec is None:
-        return {"grid": DEFAULT_GRID if args.grid is None else args.grid, "text_encoder": args.text_encoder,
+        return {"backbone": args.backbone or DEFAULT_BACKBONE, "image_size": args.image_size,
+                "grid": DEFAULT_GRID if args.grid is None else args.grid, "text_encoder": args.text_encoder,
                 "max_tokens": DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens}
-    return extraction_options(spec, args.grid, args.text_encoder, args.max_tokens)
+    return extraction_options(spec, args.grid, args.text_encoder, args.max_tokens, args.backbone, args.image_size)
 
 
 def checkpoint_feature_spec(path: Path) -> FeatureSpec:

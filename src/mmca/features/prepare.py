@@ -2,7 +2,7 @@
 `RetrievalDataset` every job reads (SPEC §1: both frozen parts are computed once per dataset).
 
 Each split has two cache entries, so changing one side never recomputes the other:
-`{split}.images-{hash}` (MobileNetV2 grid; images layout only, precomp ships its features) and
+`{split}.images-{hash}` (the backbone's grid; images layout only, precomp ships its features) and
 `{split}.text-{hash}` (token states); a training split may add `{split}.mirror-{hash}`, the
 grid of every photo flipped left to right (a second view for training). The hash covers the
 dataset root, the split and the settings; the manifest also pins the model weights and a
@@ -25,7 +25,7 @@ from mmca.data.dataset import RetrievalDataset, SplitSource, TokenFeatures
 from mmca.data.layouts import read_split
 from mmca.errors import DataError
 from mmca.features import cache, parallel
-from mmca.features.backbone import FEATURE_DIM, ImageBackbone
+from mmca.features.backbone import DEFAULT_BACKBONE, ImageBackbone
 from mmca.features.spec import FeatureSpec, precomp_image_spec, text_spec
 from mmca.features.text_encoder import TextEncoder
 
@@ -69,6 +69,8 @@ def prepare_split(
     workers: int | None = None,
     mirror: bool = False,
     source: SplitSource | None = None,
+    backbone: str = DEFAULT_BACKBONE,
+    image_size: int | None = None,
 ) -> PreparedSplit:
     """Load the split's cached features, building (or with `force`, rebuilding) what is missing.
 
@@ -77,6 +79,8 @@ def prepare_split(
     `mirror`: also the mirrored photos' grids, as `dataset.image_views` (images layout only).
     `source`: the split as already read by `read_split` (so a caller that checked it first
     does not read, and scan, its files twice).
+    `backbone`, `image_size`: the registered image backbone and its input side (default: the
+    backbone's own, see backbone.BACKBONES).
     """
     started = time.perf_counter()
     if source is None:
@@ -86,11 +90,11 @@ def prepare_split(
     entries = []
     views: tuple[np.ndarray, ...] = ()
     if source.image_features is None:
-        backbone = ImageBackbone(grid)
-        entry, features = _image_entry(source, folder, backbone, build)
+        extractor = ImageBackbone(grid, backbone, image_size)
+        entry, features = _image_entry(source, folder, extractor, build)
         entries.append(entry)
         if mirror:
-            entry, mirrored = _image_entry(source, folder, backbone, build, mirror=True)
+            entry, mirrored = _image_entry(source, folder, extractor, build, mirror=True)
             entries.append(entry)
             views = (mirrored,)
         image_spec = None
@@ -106,7 +110,7 @@ def prepare_split(
     entry, tokens = _text_entry(source, folder, encoder, build)
     entries.append(entry)
     if image_spec is None:
-        spec = FeatureSpec.from_extractors(backbone, encoder, mirror_images=mirror)
+        spec = FeatureSpec.from_extractors(extractor, encoder, mirror_images=mirror)
     else:
         spec = FeatureSpec(image_spec, text_spec(encoder))
     dataset = RetrievalDataset(
@@ -137,11 +141,13 @@ def open_dataset(
     workers: int | None = None,
     mirror: bool = False,
     source: SplitSource | None = None,
+    backbone: str = DEFAULT_BACKBONE,
+    image_size: int | None = None,
 ) -> RetrievalDataset:
     """The public entry: a split with its frozen features, from the cache when it is valid."""
     return prepare_split(
         root, split, cache_dir, grid, text_encoder, max_tokens, captions_per_image, progress,
-        workers=workers, mirror=mirror, source=source,
+        workers=workers, mirror=mirror, source=source, backbone=backbone, image_size=image_size,
     ).dataset
 
 
@@ -177,7 +183,9 @@ def _image_entry(
     started = time.perf_counter()
     assert source.image_paths is not None
     kind = "mirror" if mirror else "images"
-    settings = {"backbone": backbone.name, "grid": backbone.grid}
+    settings: dict[str, Any] = {"backbone": backbone.name, "grid": backbone.grid}
+    if backbone.image_size != backbone.entry.image_size:  # (so default-size entries keep their names)
+        settings["image_size"] = backbone.image_size
     key = {
         "backbone": backbone.describe(),
         "split": source.split,
@@ -188,9 +196,9 @@ def _image_entry(
     if manifest is None:
         manifest = {"key": key, "root": str(source.root), "counts": {"images": source.num_images}}
         with cache.build_entry(path, manifest) as tmp:
-            shape = (source.num_images, backbone.regions, FEATURE_DIM)
+            shape = (source.num_images, backbone.regions, backbone.dim)
             out = cache.allocate_array(tmp, "features.npy", shape)
-            task = partial(_extract_shard, source.image_paths, out, backbone.grid, backbone.weights, mirror)
+            task = partial(_extract_shard, source.image_paths, out, backbone.options(), mirror)
             desc = "extract mirrored images" if mirror else "extract images"
             build.run(task, source.num_images, IMAGES_PER_WORKER, desc, "img")
     report = EntryReport(kind, path, reused, time.perf_counter() - started, manifest)
@@ -238,15 +246,14 @@ def _text_entry(
 def _extract_shard(
     paths: list[Path],
     out_path: Path,
-    grid: int,
-    weights: Path,
+    backbone: dict[str, Any],
     mirror: bool,
     start: int,
     stop: int,
     report: Callable[[int], None],
 ) -> None:
     out = np.load(out_path, mmap_mode="r+")
-    ImageBackbone(grid, weights).extract_files(paths[start:stop], out[start:stop], report=report, mirror=mirror)
+    ImageBackbone(**backbone).extract_files(paths[start:stop], out[start:stop], report=report, mirror=mirror)
     out.flush()
 
 

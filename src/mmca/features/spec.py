@@ -46,8 +46,9 @@ class TextSpec:
     config_sha256: str | None = None
     weights: str | None = None  # weight file names and sizes (a copy or a move keeps them)
     model_dir: str | None = None  # where the encoder was found (provenance, a default for later jobs)
+    name: str | None = None  # the registered name it was found by, if any (provenance)
 
-    _PROVENANCE = ("model_dir",)
+    _PROVENANCE = ("model_dir", "name")
 
 
 def _identity(part: ImageSpec | TextSpec) -> dict[str, Any]:
@@ -157,7 +158,8 @@ def text_spec(encoder) -> TextSpec:
     d = encoder.describe()
     weights = ",".join(f"{w['name']}:{w['size']}" for w in d["weights"])
     return TextSpec(model_type=str(d["model_type"]), dim=int(d["dim"]), max_tokens=int(d["max_tokens"]),
-                    config_sha256=str(d["config_sha256"]), weights=weights, model_dir=str(d["dir"]))
+                    config_sha256=str(d["config_sha256"]), weights=weights, model_dir=str(d["dir"]),
+                    name=getattr(encoder, "name", None))
 
 
 def precomp_image_spec(path: Path, shape: tuple[int, ...], dtype: Any) -> ImageSpec:
@@ -171,12 +173,21 @@ def _short(value: Any) -> str:
 
 
 def extraction_options(spec: FeatureSpec, grid: int | None = None, text_encoder: str | Path | None = None,
-                       max_tokens: int | None = None) -> dict[str, Any]:
+                       max_tokens: int | None = None, backbone: str | None = None,
+                       image_size: int | None = None) -> dict[str, Any]:
     """`prepare_split` / `open_dataset` options that recompute `spec`'s features; an explicit
     option must agree with the spec (a flag that contradicts it is refused, not obeyed)."""
+    from mmca.features.backbone import DEFAULT_BACKBONE
+
+    im = spec.image
+    photos = im.source not in (PRECOMP, ARRAYS)
     clashes = []
-    if grid is not None and spec.image.grid is not None and grid != spec.image.grid:
-        clashes.append(f"--grid {grid} (the model was trained on grid {spec.image.grid})")
+    if backbone is not None and photos and backbone != im.source:
+        clashes.append(f"--backbone {backbone} (the model was trained on {im.source} features)")
+    if image_size is not None and im.image_size is not None and image_size != im.image_size:
+        clashes.append(f"--image-size {image_size} (trained at {im.image_size} px)")
+    if grid is not None and im.grid is not None and grid != im.grid:
+        clashes.append(f"--grid {grid} (the model was trained on grid {im.grid})")
     if max_tokens is not None and spec.text.max_tokens is not None and max_tokens != spec.text.max_tokens:
         clashes.append(f"--max-tokens {max_tokens} (trained with {spec.text.max_tokens})")
     if clashes:
@@ -185,8 +196,12 @@ def extraction_options(spec: FeatureSpec, grid: int | None = None, text_encoder:
     encoder_dir = text_encoder
     recorded = Path(spec.text.model_dir) if spec.text.model_dir else None
     if encoder_dir is None and recorded is not None and recorded.is_absolute() and recorded.is_dir():
-        encoder_dir = spec.text.model_dir  # else the default encoder, checked against the spec below
-    opts = {"grid": spec.image.grid if spec.image.grid is not None else (grid or 6), "text_encoder": encoder_dir,
+        encoder_dir = spec.text.model_dir
+    elif encoder_dir is None:
+        encoder_dir = spec.text.name  # found by name; else the default, both checked against the spec below
+    opts = {"backbone": im.source if photos else (backbone or DEFAULT_BACKBONE),
+            "image_size": im.image_size if im.image_size is not None else image_size,
+            "grid": im.grid if im.grid is not None else (grid or 6), "text_encoder": encoder_dir,
             "max_tokens": spec.text.max_tokens if spec.text.max_tokens is not None else (max_tokens or 64)}
     _precheck(spec, opts)
     return opts
@@ -195,16 +210,27 @@ def extraction_options(spec: FeatureSpec, grid: int | None = None, text_encoder:
 def _precheck(spec: FeatureSpec, opts: dict[str, Any]) -> None:
     """Refuse extractors that would compute other features than `spec`'s before any feature is
     computed (reading a model's config and hashing the backbone weights take milliseconds)."""
-    from mmca.features.backbone import ImageBackbone
+    from mmca.features.backbone import BACKBONES
     from mmca.features.text_encoder import TextEncoder
 
     if spec.text.model_type != ARRAYS:
         found = FeatureSpec(spec.image, text_spec(TextEncoder(opts["text_encoder"], opts["max_tokens"])))
-        where = opts["text_encoder"] or "the default all-MiniLM-L6-v2"
+        where = opts["text_encoder"] or "the default (minilm, all-MiniLM-L6-v2)"
         spec.require_match(found, "the model", f"the text encoder {where}",
                            f"pass --text-encoder (Python: text_encoder=) with the encoder the model was trained with"
                            f" ({spec.text.model_dir or spec.text.model_type})")
     if spec.image.source not in (PRECOMP, ARRAYS):
-        found = FeatureSpec(image_spec(ImageBackbone(opts["grid"])), spec.text)
+        if spec.image.source not in BACKBONES:
+            raise CheckpointError(f"the model was trained on {spec.image.source} features, a backbone this mmca "
+                                  f"does not know (it knows {', '.join(sorted(BACKBONES))})",
+                                  "install the mmca version the model was trained with, or retrain")
+        found = FeatureSpec(image_spec(image_backbone(opts)), spec.text)
         spec.require_match(found, "the model", "the installed image backbone",
                            "install the mmca version and weights the model was trained with, or retrain")
+
+
+def image_backbone(opts: dict[str, Any]):
+    """The `ImageBackbone` of `extraction_options`-style options."""
+    from mmca.features.backbone import ImageBackbone
+
+    return ImageBackbone(opts["grid"], opts["backbone"], opts["image_size"])

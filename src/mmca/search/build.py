@@ -13,7 +13,7 @@ from mmca.checkpoint import load_model, load_model_and_spec
 from mmca.data.dataset import TokenFeatures
 from mmca.engine import ScoringEngine
 from mmca.errors import CheckpointError, DataError, MmcaError
-from mmca.features.spec import FeatureSpec, extraction_options
+from mmca.features.spec import FeatureSpec, extraction_options, image_backbone
 from mmca.search.index import (STORAGE, GalleryIndex, IndexWriter, backbone_identity,
                                checkpoint_identity, list_images, text_encoder_identity)
 
@@ -107,26 +107,28 @@ def _encode_captions(encoder, texts: list[str], progress: bool) -> TokenFeatures
 def build_from_dataset(out: str | Path, checkpoint: str | Path, root: str | Path, split: str,
                        limit: int | None = None, storage: str = "fp16", grid: int | None = None,
                        text_encoder: str | Path | None = None, max_tokens: int | None = None,
-                       overwrite: bool = False, progress: bool = True) -> GalleryIndex:
+                       overwrite: bool = False, progress: bool = True, backbone: str | None = None,
+                       image_size: int | None = None) -> GalleryIndex:
     """Index a prepared split (its cached features; computed now if missing) with the features
-    the checkpoint was trained on (grid, text encoder, max_tokens: None adopts the checkpoint's;
+    the checkpoint was trained on (backbone, image size, grid, text encoder, max_tokens: None
+    adopts the checkpoint's;
     a value that contradicts it is refused). `limit`: the first `limit` images and their
     captions only."""
-    from mmca.features import ImageBackbone, TextEncoder, prepare_split
+    from mmca.features import TextEncoder, prepare_split
 
     ckpt = Path(checkpoint)
     model, spec, _ = load_model_and_spec(ckpt)
-    opts = extraction_options(spec, grid, text_encoder, max_tokens)
+    opts = extraction_options(spec, grid, text_encoder, max_tokens, backbone, image_size)
     prepared = prepare_split(root, split, progress=progress, **opts)
     ds = prepared.dataset
     spec.require_match(ds.spec, f"checkpoint {ckpt}", f"{root}, split {split}")
     encoder = TextEncoder(opts["text_encoder"], opts["max_tokens"])
-    backbone = ImageBackbone(opts["grid"]) if ds.image_paths is not None else None
+    extractor = image_backbone(opts) if ds.image_paths is not None else None
     _check_dims(model, ds.image_features.shape[2], ds.token_features.dim, ckpt)
     n = ds.num_images if limit is None else min(int(limit), ds.num_images)
     cap = np.nonzero(ds.caption_image < n)[0]
     engine = ScoringEngine(model, "cpu")
-    meta = _meta(ckpt, model, ds.spec, backbone, encoder, storage,
+    meta = _meta(ckpt, model, ds.spec, extractor, encoder, storage,
                  {"kind": "dataset", "root": str(Path(root).resolve()), "split": split, "limit": limit})
     meta["gallery_roots"] = [str(Path(root).resolve())]
     bank = engine.image_bank(np.array(ds.image_features[:n], dtype=np.float32))
@@ -150,7 +152,7 @@ def _ragged_subset(tokens: TokenFeatures, index: np.ndarray) -> tuple[np.ndarray
 
 
 def _extract(backbone, paths: list[Path], progress: bool) -> np.ndarray:
-    out = np.empty((len(paths), backbone.regions, 1280), dtype=np.float32)
+    out = np.empty((len(paths), backbone.regions, backbone.dim), dtype=np.float32)
     backbone.extract_files(paths, out, progress=progress)
     return out
 
@@ -158,28 +160,29 @@ def _extract(backbone, paths: list[Path], progress: bool) -> np.ndarray:
 def build_from_folder(out: str | Path, checkpoint: str | Path, folder: str | Path,
                       captions: str | Path | None = None, storage: str = "fp16", grid: int | None = None,
                       text_encoder: str | Path | None = None, max_tokens: int | None = None,
-                      overwrite: bool = False, progress: bool = True) -> GalleryIndex:
+                      overwrite: bool = False, progress: bool = True, backbone: str | None = None,
+                      image_size: int | None = None) -> GalleryIndex:
     """Index every image of a folder (features through the backbone the checkpoint was trained
     with, as in `build_from_dataset`); captions from `captions` (captions.tsv by filename, or
     plain lines) or the folder's captions.tsv."""
-    from mmca.features import ImageBackbone, TextEncoder
+    from mmca.features import TextEncoder
 
     ckpt = Path(checkpoint)
     model, spec, _ = load_model_and_spec(ckpt)
-    opts = extraction_options(spec, grid, text_encoder, max_tokens)
+    opts = extraction_options(spec, grid, text_encoder, max_tokens, backbone, image_size)
     folder = Path(folder).resolve()
     paths = list_images(folder)
     if captions is None and (folder / "captions.tsv").is_file():
         captions = folder / "captions.tsv"
     require_images(paths)
-    backbone, encoder = ImageBackbone(opts["grid"]), TextEncoder(opts["text_encoder"], opts["max_tokens"])
-    found = FeatureSpec.from_extractors(backbone, encoder)
+    extractor, encoder = image_backbone(opts), TextEncoder(opts["text_encoder"], opts["max_tokens"])
+    found = FeatureSpec.from_extractors(extractor, encoder)
     spec.require_match(found, f"checkpoint {ckpt}", f"the backbone and text encoder for {folder}")
-    _check_dims(model, backbone.describe()["dim"], encoder.dim, ckpt)
+    _check_dims(model, extractor.dim, encoder.dim, ckpt)
     engine = ScoringEngine(model, "cpu")
-    meta = _meta(ckpt, model, found, backbone, encoder, storage, {"kind": "folder", "root": str(folder)})
+    meta = _meta(ckpt, model, found, extractor, encoder, storage, {"kind": "folder", "root": str(folder)})
     meta["gallery_roots"] = [str(folder)]
-    bank = engine.image_bank(_extract(backbone, paths, progress))
+    bank = engine.image_bank(_extract(extractor, paths, progress))
     names = [p.name for p in paths]
     texts, images = _read_captions(captions, names)
     tokens = _encode_captions(encoder, texts, progress)
@@ -194,7 +197,7 @@ def add_to_index(index: str | Path, images: Sequence[str | Path], checkpoint: st
                  captions: str | Path | None = None, progress: bool = True) -> tuple[int, int]:
     """Append images (files, or folders of images) and optional captions to an index without
     rebuilding it -> (images added, captions added)."""
-    from mmca.features import ImageBackbone, TextEncoder
+    from mmca.features import TextEncoder
 
     idx = GalleryIndex(index)
     ckpt = idx.resolve_checkpoint(checkpoint)
@@ -203,10 +206,7 @@ def add_to_index(index: str | Path, images: Sequence[str | Path], checkpoint: st
         raise DataError(f"index {idx.path} holds precomputed (precomp) features; images cannot be added to it",
                         "build a separate index of your image folder")
     model, _ = load_model(ckpt)
-    backbone = ImageBackbone(int(meta["backbone"]["grid"]))
-    if backbone_identity(backbone.describe()) != meta["backbone"]:
-        raise CheckpointError(f"the installed image backbone differs from the one index {idx.path} was built with",
-                              "reinstall the same MobileNetV2 weights, or rebuild the index")
+    backbone = index_backbone(meta["backbone"], idx.path)
     encoder = TextEncoder(meta.get("text_encoder_dir"), int(meta["text_encoder"]["max_tokens"]))
     if text_encoder_identity(encoder.describe()) != meta["text_encoder"]:
         raise CheckpointError(f"the text encoder differs from the one index {idx.path} was built with",

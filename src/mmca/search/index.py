@@ -95,6 +95,19 @@ def backbone_identity(describe: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: describe[k] for k in ("name", "weights_sha256", "grid", "image_size", "dim") if k in describe}
 
 
+def index_backbone(recorded: dict[str, Any], where: Path):
+    """The image backbone an index was built with, rebuilt from its metadata; refused when the
+    installed one would compute other features (other weights, say)."""
+    from mmca.features.backbone import DEFAULT_BACKBONE, ImageBackbone
+
+    backbone = ImageBackbone(int(recorded["grid"]), str(recorded.get("name", DEFAULT_BACKBONE)),
+                             recorded.get("image_size"))
+    if backbone_identity(backbone.describe()) != recorded:
+        raise CheckpointError(f"the installed {backbone.name} backbone differs from the one index {where} was built with",
+                              "reinstall the weights the index was built with, or rebuild the index")
+    return backbone
+
+
 def list_images(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():

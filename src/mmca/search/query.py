@@ -33,8 +33,8 @@ from mmca.checkpoint import load_model
 from mmca.engine import ImageBank, ScoringEngine
 from mmca.engine.scoring import full_fp32
 from mmca.errors import CheckpointError, DataError, MmcaError
-from mmca.features.backbone import IMAGE_SIZE, MIN_SIDE, fit_photo
-from mmca.search.index import GalleryIndex, backbone_identity, text_encoder_identity
+from mmca.features.backbone import MIN_SIDE, fit_photo
+from mmca.search.index import GalleryIndex, index_backbone, text_encoder_identity
 
 MAX_QUERY_CHARS = 1000
 MAX_K = 100
@@ -78,8 +78,8 @@ def check_k(k: Any) -> int:
     return k
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Untrusted image bytes -> the network's input (see `fit_photo`), with the size checked from the header
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """Untrusted image bytes -> a size x size network input (see `fit_photo`), with the size checked from the header
     before any pixel is decoded (a 20,000 x 20,000 file is refused without decoding it)."""
     if len(data) > MAX_UPLOAD_BYTES:
         raise QueryError(f"the image is {len(data)} bytes; at most {MAX_UPLOAD_BYTES} are accepted", status=413)
@@ -103,8 +103,8 @@ def decode_image(data: bytes) -> np.ndarray:
             raise QueryError(f"the image is {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
         try:
             if im.format == "JPEG":
-                im.draft("RGB", (2 * IMAGE_SIZE, 2 * IMAGE_SIZE))  # decode at a reduced scale: faster
-            return fit_photo(im)
+                im.draft("RGB", (2 * size, 2 * size))  # decode at a reduced scale: faster
+            return fit_photo(im, size)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise QueryError(f"the image cannot be decoded: {err}", status=415) from err
 
@@ -153,15 +153,11 @@ class Searcher:
     @property
     def backbone(self):
         if self._backbone is None:
-            from mmca.features import ImageBackbone
             want = self.index.meta.get("backbone")
             if want is None:
                 raise QueryError("this index holds precomputed features: image queries need an index built from images",
                                  status=409)
-            bb = ImageBackbone(int(want["grid"]))
-            if backbone_identity(bb.describe()) != want:
-                raise CheckpointError("the installed image backbone differs from the index's", "rebuild the index")
-            self._backbone = bb
+            self._backbone = index_backbone(want, self.index.path)
         return self._backbone
 
     def _encode(self, text: str):
@@ -245,8 +241,9 @@ class Searcher:
             return res, stats
 
     def search_image_bytes(self, data: bytes, k: int = 10):
+        size = self.backbone.image_size  # (first: an index of precomputed features takes no photo)
         with self.decoding:  # at most two uploads decoded at once: each may take ~MAX_PIXELS x 4 bytes
-            photo = decode_image(data)
+            photo = decode_image(data, size)
         return self.search_image_array(photo, k)
 
     def search_image_file(self, path: str | Path, k: int = 10):
@@ -334,7 +331,8 @@ class Searcher:
                 self.search_gallery_image(0, 1)
         if self.index.meta.get("backbone") is not None:
             with self.lock, torch.no_grad():
-                self.backbone.extract_grid(torch.full((1, 3, IMAGE_SIZE, IMAGE_SIZE), 128, dtype=torch.uint8))
+                side = self.backbone.image_size
+                self.backbone.extract_grid(torch.full((1, 3, side, side), 128, dtype=torch.uint8))
         return time.perf_counter() - t0
 
     def bank_for(self, ids) -> ImageBank:
