@@ -65,3 +65,18 @@ def test_the_real_probe_measures_something():
     assert precision.measured_bf16_speedup("cpu") > 0
     with pytest.raises(ValueError, match="precision must be"):
         precision.resolve_precision("fp16", "cpu")
+
+
+@pytest.mark.parametrize("capability, env", [("AVX2", {}), ("AVX512", {"ONEDNN_MAX_CPU_ISA": "AVX2"})])
+def test_a_process_held_below_the_cpus_bf16_units_is_probed(monkeypatch, capability, env):
+    """ATEN_CPU_CAPABILITY=avx2 or ONEDNN_MAX_CPU_ISA=AVX2 on a bf16 CPU: the flags no longer say
+    what runs, the probe does (here it finds bf16 emulated, 20x slower)."""
+    with_flags(monkeypatch, {"avx2", "avx512f", "avx512_bf16"})
+    monkeypatch.setattr(precision.torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    for key in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(precision, "_timed_product", lambda dtype, dev: 1.0 if dtype.itemsize == 4 else 20.0)
+    choice = precision.resolve_precision("auto", "cpu")
+    assert choice.precision == "fp32" and "runs below it" in choice.reason and "0.05x" in choice.reason

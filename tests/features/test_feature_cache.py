@@ -90,6 +90,24 @@ def test_changed_setting_or_input_rebuilds_only_its_side(make_dataset, tmp_path:
     assert _built(_prepare(root, store, force=True)) == ["images", "text"]
 
 
+def test_each_backbone_and_input_size_has_its_own_entry_and_spec(make_dataset, tmp_path: Path) -> None:
+    root, store = make_dataset(4), tmp_path / "cache"
+    _prepare(root, store)
+    lite = _prepare(root, store, backbone="efficientnet_lite2")
+    assert _built(lite) == ["images"]  # the captions' entry is shared
+    spec = lite.dataset.spec.image
+    assert (spec.source, spec.image_size, spec.grid, spec.dim) == ("efficientnet_lite2", 352, 6, 1280)
+    photos = torch.from_numpy(np.stack([ImageBackbone(6, "efficientnet_lite2").load_image(p)
+                                        for p in lite.dataset.image_paths[:2]])).permute(0, 3, 1, 2)
+    np.testing.assert_allclose(lite.dataset.image_features[:2],
+                               ImageBackbone(6, "efficientnet_lite2").extract_grid(photos).numpy(), atol=1e-2, rtol=1e-2)
+    small = _prepare(root, store, backbone="efficientnet_lite2", image_size=260)
+    assert _built(small) == ["images"] and small.dataset.spec.image.image_size == 260
+    assert lite.dataset.spec.differences(small.dataset.spec) == ["image image_size: 352 vs 260"]
+    for kw in ({}, {"backbone": "efficientnet_lite2"}, {"backbone": "efficientnet_lite2", "image_size": 260}):
+        assert _built(_prepare(root, store, **kw)) == []  # all three stay cached side by side
+
+
 @pytest.mark.parametrize("damage", ["no manifest", "bad manifest", "short array"])
 def test_entry_without_a_valid_manifest_is_rebuilt(make_dataset, tmp_path: Path, damage: str) -> None:
     root, store = make_dataset(), tmp_path / "cache"

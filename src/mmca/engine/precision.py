@@ -5,7 +5,8 @@ bf16 halves memory traffic and, on hardware with bf16 units (CPUs with AVX512_BF
 NVIDIA GPUs from Ampere on), runs matrix products several times faster. Elsewhere it is
 emulated: on an AVX2-only CPU a bf16 product ran ~40x slower than float32 (SPEC §5). So
 "auto" asks the device: the CPU's feature flags (Linux /proc/cpuinfo) or the GPU's compute
-capability; where neither is known it times a few small matrix products in both dtypes.
+capability; where neither is known, or where the process is held below the CPU's instruction
+set (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA), it times a few small matrix products in both dtypes.
 The decision is cached per device for the process; it is deterministic wherever the flags are
 readable, so a resumed run decides as the run it resumes did.
 
@@ -15,6 +16,7 @@ scores by ~1e-2 and ranks with them.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ import torch
 
 CHOICES = ("auto", "fp32", "bf16")
 _NATIVE_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+_ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN, which runs the bf16 products, obeys these
 _PROBE_SIZE = 256  # 256^3 products: ~1 ms in fp32, ~40 ms where bf16 is emulated
 _PROBE_MIN_SPEEDUP = 1.2  # bf16 must beat fp32 by this much to be chosen on a probe alone
 
@@ -89,6 +92,10 @@ def native_bf16(device: str | torch.device = "cpu") -> tuple[bool | None, str]:
     if flags is None:
         return None, f"CPU capability {capability}, feature flags unknown"
     have = [f for f in _NATIVE_CPU_FLAGS if f in flags]
+    capped = [f"{k}={os.environ[k]}" for k in _ISA_CAPS if os.environ.get(k)]
+    if have and (capped or not capability.startswith("AVX512")):
+        return None, (f"CPU with {' and '.join(have)}, but this process runs below it "
+                      f"({', '.join(capped) or 'capability ' + capability})")
     if have:
         return True, f"CPU capability {capability} with {' and '.join(have)}"
     return False, f"CPU capability {capability}, no {' / '.join(_NATIVE_CPU_FLAGS)} (bf16 is emulated)"

@@ -14,8 +14,8 @@ from mmca.data.dataset import TokenFeatures
 from mmca.engine import ScoringEngine
 from mmca.errors import CheckpointError, DataError, MmcaError
 from mmca.features.spec import FeatureSpec, extraction_options, image_backbone
-from mmca.search.index import (STORAGE, GalleryIndex, IndexWriter, backbone_identity,
-                               checkpoint_identity, list_images, text_encoder_identity)
+from mmca.search.index import (STORAGE, GalleryIndex, IndexWriter, backbone_identity, checkpoint_identity,
+                               index_backbone, list_images, text_encoder_identity)
 
 
 def _check_dims(model, img_dim: int, txt_dim: int, ckpt: Path) -> None:
