@@ -40,12 +40,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 N_IMAGES = 20
 
 
-def small_checkpoint(path: Path, seed: int) -> Path:
+def small_checkpoint(path: Path, seed: int, backbone: str = "mobilenet_v2", image_size: int | None = None) -> Path:
     from mmca.features import ImageBackbone, TextEncoder
     from mmca.features.spec import FeatureSpec
 
     torch.manual_seed(seed)
-    spec = FeatureSpec.from_extractors(ImageBackbone(6), TextEncoder())
+    spec = FeatureSpec.from_extractors(ImageBackbone(6, backbone, image_size), TextEncoder())
     return save_checkpoint(path, MMCA(ModelConfig(d=64, heads=4, cnn_filters=32)), spec)
 
 
@@ -71,3 +71,10 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def other_checkpoint(tmp_path_factory) -> Path:
     return small_checkpoint(tmp_path_factory.mktemp("ckpt2") / "other.pt", seed=1)
+
+
+@pytest.fixture(scope="session")
+def lite_checkpoint(tmp_path_factory) -> Path:
+    """A small random model whose spec says EfficientNet-Lite2 regions at 260 px."""
+    return small_checkpoint(tmp_path_factory.mktemp("ckpt3") / "lite.pt", seed=0, backbone="efficientnet_lite2",
+                            image_size=260)

@@ -107,7 +107,7 @@ class Trainer:
         self.train_set, self.dev_set = train_set, dev_set
         self.spec = train_set.spec.with_mirror(self.config.mirror_images)
         self.spec.require_match(dev_set.spec, f"the {train_set.split} split", f"the {dev_set.split} split",
-                                "prepare both splits with the same --grid and --text-encoder")
+                                "prepare both splits with the same --backbone, --image-size, --grid and --text-encoder")
         self.out_dir, self.device = Path(out_dir), torch.device(device)
         self.progress, self.log = progress, log
         self.last_path, self.best_path = self.out_dir / "last.pt", self.out_dir / "best.pt"
@@ -146,7 +146,7 @@ class Trainer:
         payload = read_checkpoint(path)
         checkpoint_spec(payload, path).require_match(
             self.spec, str(path), f"the {self.train_set.split} split",
-            "initialise from a run trained on the same features (same --grid and --text-encoder)")
+            "initialise from a run trained on the same features (same --backbone, --image-size, --grid and --text-encoder)")
         missing, unexpected = self.model.load_state_dict(payload["model"], strict=False)
         if unexpected:
             raise MmcaError(f"{path} does not fit this model: unexpected weights {unexpected[:3]}",
@@ -158,7 +158,7 @@ class Trainer:
         payload = read_checkpoint(path)
         checkpoint_spec(payload, path).require_match(
             self.spec, str(path), f"the {self.train_set.split} split",
-            "resume with the features the run started with (same --grid and --text-encoder)")
+            "resume with the features the run started with (same --backbone, --image-size, --grid and --text-encoder)")
         saved = TrainConfig.from_dict(payload["train_config"])
         if saved != (expected or self.config):
             raise MmcaError(f"{path} was trained with another configuration ({path.name} first): "

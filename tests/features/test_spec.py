@@ -121,6 +121,14 @@ def test_train_records_the_spec_and_init_from_checks_it(make_dataset, spec6, spe
     with pytest.raises(CheckpointError, match="grid: 7 vs 6"):
         Trainer(config, ds6, ds6, tmp_path / "init", init_from=tmp_path / "g7" / "best.pt",
                 progress=False, log=lambda _: None)
+    # a model of one backbone refuses another backbone's cache, though every shape agrees
+    lite7 = open_dataset(root, "dev", grid=7, backbone="efficientnet_lite2", **common)
+    assert lite7.image_features.shape == ds7.image_features.shape
+    with pytest.raises(CheckpointError, match="image source: 'mobilenet_v2' vs 'efficientnet_lite2'"):
+        Trainer(config, lite7, lite7, tmp_path / "init2", init_from=tmp_path / "g7" / "best.pt",
+                progress=False, log=lambda _: None)
+    with pytest.raises(CheckpointError, match="image source"):  # nor may train and dev mix backbones
+        Trainer(config, ds7, lite7, tmp_path / "mixed2", progress=False, log=lambda _: None)
 
 
 def test_index_adopts_the_checkpoint_spec(make_dataset, spec7, tmp_path, monkeypatch):

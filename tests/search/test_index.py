@@ -230,3 +230,26 @@ def test_cli_index_and_search(gallery, checkpoint, other_checkpoint, tmp_path, c
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err
+
+
+def test_an_index_of_another_backbone_searches_with_it(gallery, lite_checkpoint, tmp_path):
+    """A model trained on EfficientNet-Lite2 features at 260 px: its index records that backbone
+    and size, and a photo query goes through that very backbone (the query's regions equal the
+    gallery's own for the same photo)."""
+    ckpt = lite_checkpoint
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted(gallery.glob("*.jpg"))[:3]:
+        shutil.copy(p, photos / p.name)
+    lines = tmp_path / "captions.txt"
+    lines.write_text("a dog runs on the grass\ntwo children play in the water\na man rides a bike\n")
+    idx = build_from_folder(tmp_path / "index", ckpt, photos, lines, progress=False)
+    recorded = idx.meta["backbone"]
+    assert (recorded["name"], recorded["image_size"], recorded["grid"]) == ("efficientnet_lite2", 260, 6)
+    searcher = Searcher(tmp_path / "index")
+    assert searcher.backbone.name == "efficientnet_lite2" and searcher.backbone.image_size == 260
+    first = sorted(photos.glob("*.jpg"))[0]
+    hits, _ = searcher.search_image_bytes(first.read_bytes(), k=3)
+    assert len(hits) == 3  # the three captions, scored with the photo's 260 px EfficientNet regions
+    with pytest.raises(CheckpointError, match="--backbone mobilenet_v2"):
+        build_from_folder(tmp_path / "index2", ckpt, photos, progress=False, backbone="mobilenet_v2")

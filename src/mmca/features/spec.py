@@ -168,8 +168,9 @@ def precomp_image_spec(path: Path, shape: tuple[int, ...], dtype: Any) -> ImageS
 
 
 def _short(value: Any) -> str:
+    """A value for a message: names in full, hashes cut to their first 12 characters."""
     text = repr(value)
-    return text[:14] + "…" if isinstance(value, str) and len(value) > 16 else text
+    return text[:14] + "…" if isinstance(value, str) and len(value) > 24 else text
 
 
 def extraction_options(spec: FeatureSpec, grid: int | None = None, text_encoder: str | Path | None = None,

@@ -113,7 +113,7 @@ def synthetic_index(out: Path, ckpt: Path, features: np.ndarray, n: int, seed: i
     if spec.image.regions != features.shape[1] or spec.image.dim != features.shape[2]:
         raise CheckpointError(f"{ckpt} was trained on {spec.image.regions} x {spec.image.dim} regions; the "
                               f"synthetic gallery's source features are {features.shape[1]} x {features.shape[2]}",
-                              "pass features prepared as the checkpoint's (same --grid)")
+                              "pass features prepared as the checkpoint's (same --backbone, --grid)")
     engine = ScoringEngine(model, "cpu")
     rng = np.random.default_rng(seed)
     meta = {"checkpoint": checkpoint_identity(ckpt), "model_config": model.config.to_dict(),
