@@ -142,7 +142,7 @@ def own_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     if key_mask is not None:
         logits = logits.masked_fill_(~key_mask[:, None, None, :], NEG)
     m = logits.amax(dim=-1)
-    p = torch.exp_(logits - m.unsqueeze(-1))
+    p = logits.sub_(m.unsqueeze(-1)).exp_()
     return m.float(), p.sum(dim=-1, dtype=torch.float32), p @ v
 
 

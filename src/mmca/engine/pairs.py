@@ -62,7 +62,7 @@ def _merge(q, k, v, key_mask, m0, l0, o0):
         logits.masked_fill_(~key_mask[:, None, None, :], float("-inf"))
     m1 = logits.amax(dim=-1).float()
     m = torch.maximum(m0, m1)
-    p = torch.exp_(logits - m.unsqueeze(-1).to(logits.dtype))
+    p = logits.sub_(m.unsqueeze(-1).to(logits.dtype)).exp_()  # in place: one pass, no allocation
     w0 = torch.exp(m0 - m)  # rescale of the own block
     den = l0 * w0 + p.sum(dim=-1, dtype=torch.float32)
     num = torch.baddbmm(
@@ -74,10 +74,11 @@ def _merge(q, k, v, key_mask, m0, l0, o0):
 def _ffn_block(w: CrossWeights, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
     """Output projection, residual + LN, FFN, residual + LN on rows (P, L, d)."""
     d = w.d
-    x = F.layer_norm(torch.addmm(w.out_b, attended.reshape(-1, d), w.out_w).view_as(x) + x,
-                     (d,), *w.norm1)
-    h = torch.relu(torch.addmm(w.ffn1_b, x.reshape(-1, d), w.ffn1_w))
-    return F.layer_norm(torch.addmm(w.ffn2_b, h, w.ffn2_w).view_as(x) + x, (d,), *w.norm2)
+    # residual + bias first, then the product accumulated into it in place (addmm_ with beta 1):
+    # one pass over the rows fewer than addmm's copy of the bias followed by the residual add
+    x = F.layer_norm((x + w.out_b).view(-1, d).addmm_(attended.reshape(-1, d), w.out_w).view_as(x), (d,), *w.norm1)
+    h = torch.addmm(w.ffn1_b, x.reshape(-1, d), w.ffn1_w).relu_()
+    return F.layer_norm((x + w.ffn2_b).view(-1, d).addmm_(h, w.ffn2_w).view_as(x), (d,), *w.norm2)
 
 
 def _text_head(w: CrossWeights, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -88,12 +89,13 @@ def _text_head(w: CrossWeights, y: torch.Tensor, mask: torch.Tensor) -> torch.Te
     not_real = ~mask.unsqueeze(-1)
     pooled, col = [], 0
     for width, bias in zip(w.windows, w.conv_b):
-        acc = z[:, :, col:col + f] + bias
+        acc = z[:, :, col:col + f]  # the first tap's columns, summed into in place
         for s in range(1, min(width, length)):  # tap s reads row t + s; zero past the end
             acc[:, :length - s] += z[:, s:, col + s * f:col + (s + 1) * f]
         col += width * f
-        # max over the real positions, then ReLU (monotone, so the same as ReLU then max)
-        pooled.append(torch.relu(acc.masked_fill_(not_real, float("-inf")).amax(dim=1)))
+        # max over the real positions, then the bias (max(a + b) = max(a) + b, exactly: rounding
+        # is monotone) and ReLU (monotone, so the same as ReLU then max)
+        pooled.append(acc.masked_fill_(not_real, float("-inf")).amax(dim=1).add_(bias).relu_())
     c = torch.addmm(w.fc_b, torch.cat(pooled, dim=-1), w.fc_w).float()
     if w.head_norm is not None:
         g, b, eps = w.head_norm
