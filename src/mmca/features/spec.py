@@ -137,14 +137,14 @@ class FeatureSpec:
                               "evaluate on data of the kind the model was trained on")
 
     def describe(self) -> str:
-        """One line for people: 'mobilenet_v2 352 px, grid 6 (36 x 1280); bert ≤64 tokens (384)'."""
+        """One line for people: 'mobilenet_v2 352 px, grid 6 (36 x 1280); bert minilm ≤64 tokens (384)'."""
         im, tx = self.image, self.text
         if im.grid is not None:
             left = f"{im.source} {im.image_size} px, grid {im.grid} ({im.regions} x {im.dim})"
         else:
             left = f"{im.source} features ({im.regions} x {im.dim})"
         limit = f" ≤{tx.max_tokens} tokens" if tx.max_tokens else ""
-        where = f" from {Path(tx.model_dir).name}" if tx.model_dir else ""
+        where = f" {tx.name}" if tx.name else f" from {Path(tx.model_dir).name}" if tx.model_dir else ""
         return f"{left}; {tx.model_type}{where}{limit} ({tx.dim})"
 
 
