@@ -173,3 +173,14 @@ def test_contradictions_are_refused_before_any_feature_is_computed(make_dataset,
 def test_index_add_refuses_feature_flags(tmp_path, capsys):
     assert cli("index", "--index", tmp_path, "--add", tmp_path, "--grid", "7") == 2
     assert "--add uses the index's own features" in capsys.readouterr().err
+
+
+def test_a_recorded_encoder_name_is_used_only_when_registered(spec6):
+    """A copied model finds a registered encoder by name; any other recorded name (an edited
+    file, say '../../etc') is never used as a path."""
+    from mmca.features.spec import extraction_options
+
+    copied = replace(spec6, text=replace(spec6.text, model_dir=None, name="minilm"))
+    assert extraction_options(copied)["text_encoder"] == "minilm"
+    edited = replace(spec6, text=replace(spec6.text, model_dir=None, name="../../etc"))
+    assert extraction_options(edited)["text_encoder"] is None  # the default, checked against the spec

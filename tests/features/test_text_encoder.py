@@ -130,3 +130,16 @@ def test_mpnet_is_assembled_from_its_wheels_and_gives_masked_per_token_states(
         alone = mpnet.encode([captions[j]])  # no padding: the mask must make the two agree
         a, b = together.offsets[j], together.offsets[j + 1]
         np.testing.assert_allclose(together.states[a:b], alone.states, atol=2e-2, rtol=1e-2)
+
+
+def test_a_folder_that_hides_a_name_or_damaged_weights_are_clear_errors(encoder: TextEncoder, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "minilm").mkdir()
+    with pytest.raises(DataError, match="hides the registered text encoder 'minilm'"):
+        TextEncoder("minilm")
+    broken = tmp_path / "broken"
+    shutil.copytree(encoder.model_dir, broken)
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(DataError, match="cannot load the text encoder"):
+        TextEncoder(broken).encode(["a dog"])

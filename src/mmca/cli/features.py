@@ -44,14 +44,15 @@ def add_feature_arguments(p: argparse.ArgumentParser, adopts: bool = False) -> N
 
     default = "the checkpoint's" if adopts else None
     size_default = default or "the backbone's own"
-    names = ", ".join(f"{e.name} ({e.imagenet_top1}%% ImageNet top-1, {e.image_size} px)" for e in BACKBONES.values())
+    names = ", ".join(f"{e.name} ({e.imagenet_top1}%% ImageNet top-1 at {e.native_size} px; fed {e.image_size} px)"
+                      for e in BACKBONES.values())
     p.add_argument("--backbone", choices=sorted(BACKBONES), default=None, metavar="NAME",
                    help=f"image backbone: {names} (default: {default or DEFAULT_BACKBONE})")
     p.add_argument("--image-size", type=image_side, default=None, metavar="PX",
                    help=f"input side the photos are squashed to, in pixels (default: {size_default})")
     p.add_argument("--grid", type=int, default=None, choices=(6, 7),
                    help=f"image regions per side (default: {default or DEFAULT_GRID})")
-    p.add_argument("--text-encoder", type=Path, metavar="NAME|DIR",
+    p.add_argument("--text-encoder", metavar="NAME|DIR",  # a str: "./minilm" must stay a path, not a name
                    help="a registered text encoder (minilm: all-MiniLM-L6-v2, 384-d; mpnet: all-mpnet-base-v2, "
                         "768-d, from its optional wheels) or a local BERT-family model directory "
                         f"(transformers or sentence-transformers layout) (default: {default or 'minilm'})")
@@ -63,7 +64,7 @@ def image_side(text: str) -> int:
     """An argparse type: an input side in pixels."""
     from mmca.features.backbone import MAX_IMAGE_SIZE
 
-    return _int_in(text, 64, MAX_IMAGE_SIZE)
+    return _int_in(text, 32 * 6, MAX_IMAGE_SIZE)  # 32 px per grid cell at the smallest grid
 
 
 def feature_options(args: argparse.Namespace, spec: FeatureSpec | None = None) -> dict[str, Any]:

@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{args.dataset} has no splits", "add splits/NAME.txt (images folder) or NAME_caps.txt (precomp)")
     rows: list[dict[str, str]] = []
     folders: dict[Path, None] = {}
+    described: dict[str, None] = {}
     for split in splits:
         prepared = prepare_split(
             args.dataset,
@@ -82,8 +83,11 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
         )
         rows.append(_row(prepared))
+        described[prepared.dataset.spec.describe()] = None
         folders.update(dict.fromkeys(e.path.parent for e in prepared.entries))
     print(_table(rows))
+    for line in described:
+        print(f"features: {line}")
     for folder in folders:
         print(f"cache: {folder}")
     return 0

@@ -89,6 +89,7 @@ def prepare_split(
     build = _Build(progress, force, workers)
     entries = []
     views: tuple[np.ndarray, ...] = ()
+    encoder = TextEncoder(text_encoder, max_tokens)  # first: a bad encoder is refused before any image is computed
     if source.image_features is None:
         extractor = ImageBackbone(grid, backbone, image_size)
         entry, features = _image_entry(source, folder, extractor, build)
@@ -106,7 +107,6 @@ def prepare_split(
     else:
         features = source.image_features
         image_spec = precomp_image_spec(source.root / f"{split}_ims.npy", features.shape, features.dtype)
-    encoder = TextEncoder(text_encoder, max_tokens)
     entry, tokens = _text_entry(source, folder, encoder, build)
     entries.append(entry)
     if image_spec is None:

