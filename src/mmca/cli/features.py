@@ -62,9 +62,9 @@ def add_feature_arguments(p: argparse.ArgumentParser, adopts: bool = False) -> N
 
 def image_side(text: str) -> int:
     """An argparse type: an input side in pixels."""
-    from mmca.features.backbone import MAX_IMAGE_SIZE
+    from mmca.features.backbone import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
-    return _int_in(text, 32 * 6, MAX_IMAGE_SIZE)  # 32 px per grid cell at the smallest grid
+    return _int_in(text, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
 
 
 def feature_options(args: argparse.Namespace, spec: FeatureSpec | None = None) -> dict[str, Any]:

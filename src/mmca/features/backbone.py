@@ -89,6 +89,7 @@ BACKBONES: dict[str, BackboneEntry] = {
     )
 }
 DEFAULT_BACKBONE = "mobilenet_v2"
+MIN_IMAGE_SIZE = 32 * min(g for entry in BACKBONES.values() for g in entry.grids)  # 32 px per grid cell
 
 
 def backbone_entry(name: str) -> BackboneEntry:

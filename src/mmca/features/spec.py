@@ -159,7 +159,7 @@ def text_spec(encoder) -> TextSpec:
     weights = ",".join(f"{w['name']}:{w['size']}" for w in d["weights"])
     return TextSpec(model_type=str(d["model_type"]), dim=int(d["dim"]), max_tokens=int(d["max_tokens"]),
                     config_sha256=str(d["config_sha256"]), weights=weights, model_dir=str(d["dir"]),
-                    name=getattr(encoder, "name", None))
+                    name=encoder.name)
 
 
 def precomp_image_spec(path: Path, shape: tuple[int, ...], dtype: Any) -> ImageSpec:
