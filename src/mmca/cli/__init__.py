@@ -12,6 +12,7 @@ import sys
 import warnings
 
 from mmca.errors import MmcaError
+from mmca.runtime import retain_freed_memory
 
 # Order is the order shown in `mmca --help`: the data flow, then the jobs.
 COMMANDS = ["prepare", "train", "evaluate", "sample", "export", "bench", "index", "search", "serve"]
@@ -45,6 +46,7 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    retain_freed_memory()  # every command: training and extraction reallocate as scoring does
     warnings.formatwarning = _warning_line  # one readable line, not a source location
     status = 1
     try:

@@ -135,15 +135,41 @@ def project_qkv(unit, x: torch.Tensor):
     return q * (1.0 / math.sqrt(unit.d // unit.heads)), k, v
 
 
+def key_logits(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention logits laid out key-major: q (B, h, Lq, dh), k (B, h, Lk, dh) -> (B, h, Lk, Lq),
+    padded keys (`key_mask` (B, Lk) False) at -inf.
+
+    Key-major because the softmax reductions then run over dim -2 and vectorise along the
+    queries (a max over a last dim of ~20 runs 6x slower on CPU); the -inf bias enters as the
+    product's accumulator (one write pass, where a masked fill reads and writes the logits)."""
+    b, h, lq, _ = q.shape
+    lk = k.shape[2]
+    qt = q.flatten(0, 1).transpose(1, 2)
+    if key_mask is None:
+        return torch.bmm(k.flatten(0, 1), qt).view(b, h, lk, lq)
+    bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~key_mask, NEG)
+    out = bias[:, None, :, None].expand(b, h, lk, lq).contiguous()
+    return out.view(b * h, lk, lq).baddbmm_(k.flatten(0, 1), qt).view(b, h, lk, lq)
+
+
+def max_over(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x.amax(dim), the same values, by halving: the maximum of two overlapping halves until one
+    row is left. On CPU, amax over a dim of 16-36 with an inner size of ~20 runs 4-5x slower
+    than these few elementwise passes (docs/benchmarks.md, session 7); max is exact either way."""
+    while x.shape[dim] > 1:
+        n = x.shape[dim]
+        half = (n + 1) // 2  # overlapping by one when n is odd: max is idempotent
+        x = torch.maximum(x.narrow(dim, 0, half), x.narrow(dim, n - half, half))
+    return x.squeeze(dim)
+
+
 def own_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None):
     """Softmax statistics of rows attending to their own item's keys: q, k, v (B, h, L, dh),
     key_mask (B, L) or None -> m, l (B, h, L) float32 and o (B, h, L, dh) in v's dtype."""
-    logits = q @ k.transpose(-1, -2)  # (B, h, L, L)
-    if key_mask is not None:
-        logits = logits.masked_fill_(~key_mask[:, None, None, :], NEG)
-    m = logits.amax(dim=-1)
-    p = logits.sub_(m.unsqueeze(-1)).exp_()
-    return m.float(), p.sum(dim=-1, dtype=torch.float32), p @ v
+    logits = key_logits(q, k, key_mask)  # (B, h, L keys, L queries)
+    m = max_over(logits, -2)
+    p = logits.sub_(m.unsqueeze(-2)).exp_()
+    return m.float(), p.sum(dim=-2, dtype=torch.float32), p.transpose(-1, -2) @ v
 
 
 @torch.no_grad()

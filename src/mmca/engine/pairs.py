@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmca.engine.bank import ImageBank, TextBucket, own_stats
+from mmca.engine.bank import ImageBank, TextBucket, key_logits, max_over, own_stats
 
 
 class CrossWeights:
@@ -57,16 +57,13 @@ def _merge(q, k, v, key_mask, m0, l0, o0):
     """Attention of queries q (P, h, Lq, dh) over [own keys | other keys k, v (P, h, Lk, dh)]:
     the own block is given by its statistics m0, l0 (P, h, Lq) and o0 (P, h, Lq, dh);
     `key_mask` (P, Lk) bool or None masks the other keys. -> normalised output (P, h, Lq, dh)."""
-    logits = q @ k.transpose(-1, -2)  # (P, h, Lq, Lk)
-    if key_mask is not None:
-        logits.masked_fill_(~key_mask[:, None, None, :], float("-inf"))
-    m1 = logits.amax(dim=-1).float()
-    m = torch.maximum(m0, m1)
-    p = logits.sub_(m.unsqueeze(-1).to(logits.dtype)).exp_()  # in place: one pass, no allocation
+    logits = key_logits(q, k, key_mask)  # (P, h, Lk, Lq)
+    m = torch.maximum(m0, max_over(logits, -2).float())
+    p = logits.sub_(m.unsqueeze(-2).to(logits.dtype)).exp_()  # in place: one pass, no allocation
     w0 = torch.exp(m0 - m)  # rescale of the own block
-    den = l0 * w0 + p.sum(dim=-1, dtype=torch.float32)
+    den = l0 * w0 + p.sum(dim=-2, dtype=torch.float32)
     num = torch.baddbmm(
-        (o0 * w0.unsqueeze(-1).to(o0.dtype)).flatten(0, 1), p.flatten(0, 1), v.flatten(0, 1)
+        (o0 * w0.unsqueeze(-1).to(o0.dtype)).flatten(0, 1), p.flatten(0, 1).transpose(1, 2), v.flatten(0, 1)
     ).view_as(o0)
     return num / den.unsqueeze(-1).to(num.dtype)
 

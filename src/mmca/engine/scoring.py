@@ -12,6 +12,7 @@ from mmca.engine.bank import (ImageBank, TextBank, bucketed_text_bank, build_ima
                               empty_image_bank, empty_text_bucket, fill_image_bank, fill_text_bucket,
                               pad_tokens)
 from mmca.engine.pairs import CrossWeights, score_block
+from mmca.runtime import retain_freed_memory
 from mmca.errors import NonFiniteError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -109,6 +110,8 @@ class ScoringEngine:
         if storage is not None and storage not in STORAGE:
             raise ValueError(f"storage must be one of {sorted(STORAGE)} or None, not {storage!r}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if self.device.type == "cpu":
+            retain_freed_memory()  # blocks reallocate tens of MB: keep it mapped (mmca.runtime)
         self.model = model.to(self.device)
         self.precision = precision
         self.dtype = PRECISIONS[precision]

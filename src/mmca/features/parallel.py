@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from mmca.errors import MmcaError
+from mmca.runtime import retain_freed_memory
 
 MAX_WORKERS = 8  # each worker holds its own copy of the model
 
@@ -102,6 +103,7 @@ def _worker(task: ShardTask, start: int, stop: int, threads: int, messages: Any)
     # would report it as "leaked" when the job ends. A worker's bars need only a thread lock.
     tqdm.set_lock(threading.RLock())
     torch.set_num_threads(threads)
+    retain_freed_memory()
     try:
         task(start, stop, lambda n: messages.send(("progress", n)))
         messages.send(("done", None))
