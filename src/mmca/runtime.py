@@ -18,7 +18,7 @@ import sys
 # mallopt parameters (glibc malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit
+MMAP_THRESHOLD = 32 << 20  # the ceiling of glibc's own dynamic threshold on 64-bit
 TRIM_THRESHOLD = 512 << 20
 
 _applied: bool | None = None

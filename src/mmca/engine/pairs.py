@@ -9,7 +9,9 @@ For P pairs (image a_p, caption b_p) of one caption length bucket L:
                 here from the caption's Q/K/V (an L x L block: cheap, and not worth its
                 memory in the bank);
 
-then the output projection, residual + LayerNorm, FFN, residual + LayerNorm on the k region
+the logits of both are laid out key-major (`bank.key_logits`: the softmax reductions run
+over dim -2, along the queries) with padded keys at -inf from the product's accumulator; then
+the output projection, residual + LayerNorm, FFN, residual + LayerNorm on the k region
 rows and the L token rows (never concatenated), the mean of the region rows -> i1, and the
 cross text CNN head on the token rows, its three convolutions done as one matrix product with
 every tap of every window followed by shifted adds -> c1. S = i0·c0 + α·i1·c1.
