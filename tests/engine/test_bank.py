@@ -1,5 +1,6 @@
 """The bank's attention helpers against their plain definitions."""
 
+import os
 import subprocess
 import sys
 
@@ -9,11 +10,15 @@ import torch
 from mmca.engine.bank import key_logits, max_over, own_stats
 
 
-@pytest.mark.parametrize("shape,dim", [((3, 4, 36, 20), -2), ((2, 16, 21, 7), -2), ((5, 1), 0), ((2, 3, 17), -1)])
-def test_max_over_equals_amax(shape, dim):
+@pytest.mark.parametrize("shape,dim", [((3, 4, 36, 20), -2), ((2, 16, 21, 7), -2), ((5, 1), 0), ((2, 3, 17), -1),
+                                       ((2, 3, 1, 4), -2)])
+def test_max_over_equals_amax_in_a_new_tensor(shape, dim):
     x = torch.randn(*shape)
     x[0].view(-1)[0] = float("-inf")
-    assert torch.equal(max_over(x, dim), x.amax(dim=dim))
+    m = max_over(x, dim)
+    assert torch.equal(m, x.amax(dim=dim))
+    x.zero_()  # the callers subtract the max from x in place
+    assert not torch.equal(m, torch.zeros_like(m))
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -26,9 +31,11 @@ def test_key_logits_is_the_transposed_product_with_padded_keys_at_minus_inf(mask
     torch.testing.assert_close(key_logits(q, k, mask), want)
 
 
-def test_own_stats_give_the_softmax_attention():
-    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
-    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+@pytest.mark.parametrize("length", [1, 6])
+def test_own_stats_give_the_softmax_attention(length):
+    q, k, v = (torch.randn(2, 4, length, 8) for _ in range(3))
+    mask = torch.ones(2, length, dtype=torch.bool)
+    mask[1, 4:] = False
     m, l, o = own_stats(q, k, v, mask)
     logits = (q @ k.transpose(-1, -2)).masked_fill(~mask[:, None, None, :], float("-inf"))
     torch.testing.assert_close(o / l.unsqueeze(-1), torch.softmax(logits, -1) @ v)
@@ -58,3 +65,6 @@ print(on, before, faults(), retain_freed_memory())
     if out[0] != "True":
         pytest.skip("not glibc: mallopt is not available here")
     assert int(out[2]) < int(out[1]) // 10 and out[3] == "True"
+    env = {**os.environ, "MMCA_RETAIN_MEMORY": "0"}
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split()
+    assert off[0] == "False" and off[3] == "False"

@@ -140,8 +140,8 @@ def key_logits(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None) 
     padded keys (`key_mask` (B, Lk) False) at -inf.
 
     Key-major because the softmax reductions then run over dim -2 and vectorise along the
-    queries (a max over a last dim of ~20 runs 6x slower on CPU); the -inf bias enters as the
-    product's accumulator (one write pass, where a masked fill reads and writes the logits)."""
+    queries (a max over a last dim of ~20 runs 4-5x slower on CPU); the -inf bias enters as the
+    product's accumulator (`baddbmm_` with beta 1) instead of a masked fill after it."""
     b, h, lq, _ = q.shape
     lk = k.shape[2]
     qt = q.flatten(0, 1).transpose(1, 2)
@@ -156,6 +156,8 @@ def max_over(x: torch.Tensor, dim: int) -> torch.Tensor:
     """x.amax(dim), the same values, by halving: the maximum of two overlapping halves until one
     row is left. On CPU, amax over a dim of 16-36 with an inner size of ~20 runs 4-5x slower
     than these few elementwise passes (docs/benchmarks.md, session 7); max is exact either way."""
+    if x.shape[dim] == 1:
+        return x.squeeze(dim).clone()  # a new tensor, as amax's: callers then modify x in place
     while x.shape[dim] > 1:
         n = x.shape[dim]
         half = (n + 1) // 2  # overlapping by one when n is odd: max is idempotent

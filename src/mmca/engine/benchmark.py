@@ -124,7 +124,8 @@ def bench_roof(model, args, log, rounds: int = 3) -> dict:
     """The kernel's achieved GFLOP/s against the device's matrix-product rate at the kernel's
     own shapes (the FFN rows of one block: block_pairs·(k + L) x d by d x d), same threads.
 
-    The kernel's FLOPs are counted at each caption's bucket length (what it computes), and the
+    The kernel's FLOPs are counted per real pair at its caption's bucket length (the pairs that
+    pad a block's tail are the engine's overhead, not counted), and the
     two rates are measured in alternating rounds, best of each, so that a noisy machine slows
     both alike rather than one of them."""
     c = model.config
