@@ -142,10 +142,11 @@ def bench_roof(model, args, log, rounds: int = 3) -> dict:
         with inference_mode(model):
             eng = ScoringEngine(model, device=args.device, precision=p)
             ib, tb = eng.image_bank(regions), eng.text_bank((tokens, mask))
-            padded = np.array([bucket_length(int(n), eng.length_granule) for n in texts.lengths])
-            flops = float(np.mean([pair_flops(args.regions, int(n), c.d, c.ffn, c.cnn_filters, c.windows)
-                                   for n in padded]))
-            rows = eng.block_pairs * (args.regions + int(np.ceil(padded.mean())))
+            if p == "fp32":  # the same bucket lengths and block rows in either precision
+                padded = np.array([bucket_length(int(n), eng.length_granule) for n in texts.lengths])
+                flops = float(np.mean([pair_flops(args.regions, int(n), c.d, c.ffn, c.cnn_filters, c.windows)
+                                       for n in padded]))
+                rows = eng.block_pairs * (args.regions + int(np.ceil(padded.mean())))
             eng.full_scores(ib, tb)
             roof = kernel = 0.0
             for _ in range(rounds):
