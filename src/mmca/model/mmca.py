@@ -46,12 +46,15 @@ class MMCA(nn.Module):
         """-> (E', c0): projected tokens (B, n, d) for the cross module, unit c0 (B, d)."""
         return self.token_fc(tokens), self.text_head(tokens, mask)
 
-    def cross(self, r: torch.Tensor, e: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cross(self, r: torch.Tensor, e: torch.Tensor, mask: torch.Tensor,
+              qkv: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention unit over aligned pairs: R (P, k, d), E' (P, n, d), mask (P, n)
-        -> (i1, c1), each (P, d) and unit length."""
+        -> (i1, c1), each (P, d) and unit length. `qkv`: the cross unit's projections of R and
+        of E' where the caller has them (`cross_unit.qkv(r)`, `cross_unit.qkv(e)`)."""
         k = r.shape[1]
         key_mask = torch.cat([mask.new_ones(mask.shape[0], k), mask], dim=1)
-        y = self.cross_unit(torch.cat([r, e], dim=1), key_mask)
+        y = self.cross_unit(torch.cat([r, e], dim=1), key_mask,
+                            qkv=None if qkv is None else torch.cat(qkv, dim=1))
         i1 = F.normalize(y[:, :k].mean(dim=1), dim=-1)
         c1 = self.cross_text_head(y[:, k:], mask)
         return i1, c1

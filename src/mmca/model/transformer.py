@@ -39,9 +39,13 @@ class TransformerUnit(nn.Module):
         x = self.norm1(x + self.dropout(self.out(attended)))
         return self.norm2(x + self.dropout(self.ffn2(F.relu(self.ffn1(x)))))
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, L, d); key_mask: (B, L) bool, True where the position may be attended to."""
-        q, k, v = (self.split_heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
+                qkv: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, L, d); key_mask: (B, L) bool, True where the position may be attended to;
+        qkv: `self.qkv(x)` where the caller has it already (projected once per item and
+        gathered for each pair the item is in: the training recompute)."""
+        qkv = self.qkv(x) if qkv is None else qkv
+        q, k, v = (self.split_heads(t) for t in qkv.chunk(3, dim=-1))
         mask = None if key_mask is None else key_mask[:, None, None, :]
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.finish(x, self.merge_heads(attended))
