@@ -40,9 +40,11 @@ RECOMPUTE_GRANULE = 8  # caption length buckets of the recompute (measured: 8 be
 
 def _pair_scores_grad(model, r, i0, e, c0, mask, a, b, granule: int = RECOMPUTE_GRANULE):
     """Differentiable S of pairs (a, b) via the model's batched cross unit, with two savings
-    that leave every value as it was: each item's Q/K/V is projected once however many pairs it
-    is in (the engine's trick, here with grad), and the pairs run in caption length buckets,
-    each cut to its bucket's length instead of the batch's longest caption."""
+    that change values only by float rounding: each item's Q/K/V is projected once however many
+    pairs it is in (the engine's trick, here with grad), and the pairs run in caption length
+    buckets, each cut to its bucket's length instead of the batch's longest caption."""
+    if not len(a):  # a rank's share of a small global batch can be empty
+        return (i0[a] * c0[b]).sum(-1)
     unit = model.cross_unit
     items_a, slot_a = torch.unique(a, return_inverse=True)  # project only the items in use
     items_b, slot_b = torch.unique(b, return_inverse=True)
@@ -115,7 +117,11 @@ def mine_pairs(engine: ScoringEngine, images, texts, margin: float, same_image=N
     kind "max": each row's and column's hardest violating negatives; "sum": every violating
     negative. With a `shard`, each rank scores the candidates of its strip of rows and the
     strips are combined (an element-wise max of -inf-filled matrices): every rank then picks
-    the same pairs from the whole matrix."""
+    the same pairs from the whole matrix. `rounds` 2 (kind "max"): each row's and column's
+    best candidate is scored first and its score prunes the rest; 1: every candidate the bound
+    admits in one pass. Both give the same hardest negatives and the same loss; the picks may
+    differ only by pairs within tie_tol of their row's best that cannot violate that row's
+    margin (no gradient either way)."""
     bsz = len(images)
     dev = engine.device
     start = engine.pair_passes
@@ -132,8 +138,8 @@ def mine_pairs(engine: ScoringEngine, images, texts, margin: float, same_image=N
     if kind == "max":  # ... and may be its hardest negative
         need_row &= hi >= torch.where(neg, lo, ninf).amax(1, keepdim=True)
         need_col &= hi >= torch.where(neg, lo, ninf).amax(0, keepdim=True)
-    if tie_tol is None:  # twice the engine's bound on one score's rounding error
-        tie_tol = 2 * (engine.slack - engine.alpha)
+    if tie_tol is None:  # two scores each within the engine's error of their float32 values
+        tie_tol = 2 * engine.score_error
     cand = neg & (need_row | need_col)
     s = torch.full((bsz, bsz), float("-inf"), device=dev)
 
@@ -145,9 +151,9 @@ def mine_pairs(engine: ScoringEngine, images, texts, margin: float, same_image=N
 
     for _ in range(rounds - 1 if kind == "max" else 0):
         # Each row's and column's most promising candidate first: its true score is a bar every
-        # other candidate of that row (column) must reach within tie_tol to be the hardest or
-        # tied with it, and it is usually far above the bound's lower end (exact: a pair whose
-        # upper bound is below a score already found can be neither).
+        # other candidate of that row (column) must reach within tie_tol to be that row's
+        # (column's) hardest negative or tied with it, and it is usually far above the bound's
+        # lower end. A pair stays if its row or its column still needs it.
         gc = torch.where(cand, g, ninf)
         top = cand & ((gc == gc.amax(1, keepdim=True)) | (gc == gc.amax(0, keepdim=True)))
         found = score(top)
