@@ -12,6 +12,9 @@ variant draws the same dropout masks. Two measurements, in one process:
            batch's longest caption) or against the default step mining in bf16 (--against
            bf16), in alternating rounds: the ratio of the best rounds is the result.
 
+--bf16-error also measures how far the engine's bf16 scores of every pair of those batches
+are from the fp32 ones (what bf16 mining's tie tolerance must cover).
+
 With a staged run's α = 0 state (`mmca sample` leaves ALPHA0_RUN/prefix-epochN.pt), the full
 model's first steps are what is measured (--alpha, the cross module as initialised);
 --alpha 0 measures an α = 0 step instead.
@@ -104,6 +107,28 @@ def phases(model, ds, batches, precision: str, margin: float) -> dict:
             "recomputed_pairs": float(np.mean(recomputed)) if recomputed else 0.0}
 
 
+@torch.no_grad()
+def bf16_error(model, ds, batches) -> dict:
+    """|S_bf16 - S_fp32| of the engine over every pair of each batch, at these weights: what
+    bf16 mining's tie tolerance (twice `ScoringEngine.score_error`) must cover."""
+    model.eval()
+    errors = []
+    for images, captions, _ in batches:
+        r, i0, e, c0, mask = encoded(model, ds, images, captions)
+        n = len(images)
+        a, b = torch.arange(n).repeat_interleave(n), torch.arange(n).repeat(n)
+        scores = {}
+        for precision in ("fp32", "bf16"):
+            engine = ScoringEngine(model, precision=precision, check_weights=False, fixed_shape=False)
+            scores[precision] = engine.pair_scores(*mining._batch_banks(engine, r, i0, e, c0, mask), a, b)
+        errors.append((scores["bf16"] - scores["fp32"]).abs())
+    model.train()
+    err = torch.cat(errors)
+    bound = ScoringEngine(model, precision="bf16", check_weights=False).score_error
+    return {"pairs": len(err), "max": float(err.max()), "p99": float(err.quantile(0.99)),
+            "median": float(err.median()), "engine_bound": bound}
+
+
 def step_time(model, ds, batches, precision: str, margin: float, plain: bool, seed: int) -> float:
     """Seconds a step, the default or the plain one, mining in `precision` (the same dropout
     draws for every variant)."""
@@ -134,6 +159,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5, help="alternating a/b rounds (0: phases only)")
     p.add_argument("--against", choices=("plain", "bf16"), default="plain",
                    help="what the default step (mining in --precision) is compared with")
+    p.add_argument("--bf16-error", action="store_true",
+                   help="also measure how far the engine's bf16 scores are from fp32 at these weights")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
     retain_freed_memory()
@@ -160,6 +187,10 @@ def main() -> int:
           f"capability {result['cpu_capability']}: {ph['ms_per_step']} ms/step; pair passes "
           f"{ph['pair_passes']:.0f}, recomputed {ph['recomputed_pairs']:.0f} a step")
     print("  " + "  ".join(f"{k} {100 * v:.0f} %" for k, v in ph["share"].items()))
+    if args.bf16_error and args.alpha:
+        err = result["bf16_error"] = bf16_error(model, ds, batches)
+        print(f"  bf16 scores against fp32 over {err['pairs']:,} pairs: max {err['max']:.1e}, p99 {err['p99']:.1e}, "
+              f"median {err['median']:.1e} (the engine's bound: {err['engine_bound']:.1e})")
     if args.rounds and args.alpha:
         other = ("plain", precision, True) if args.against == "plain" else ("bf16 mining", "bf16", False)
         times = {other[0]: [], "default": []}
