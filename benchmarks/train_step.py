@@ -153,6 +153,7 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="a training checkpoint (e.g. ALPHA0_RUN/prefix-epoch4.pt)")
     p.add_argument("dataset", type=Path, nargs="?", default=DEFAULT_DATASET, metavar="DATASET_DIR")
+    p.add_argument("--cache", type=Path, help="feature cache directory (default: ~/.cache/mmca)")
     p.add_argument("--alpha", type=float, default=0.2, help="the model's α for the step (0: an α = 0 step)")
     p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16"), help="mining precision")
     p.add_argument("--steps", type=int, default=12)
@@ -171,7 +172,7 @@ def main() -> int:
     model.train()
     config = payload["train_config"]
     epoch = json.loads(payload["state"])["epoch"] if "state" in payload else 0  # the epoch in progress
-    ds = open_dataset(args.dataset, "train", progress=False, **extraction_options(spec))
+    ds = open_dataset(args.dataset, "train", cache_dir=args.cache, progress=False, **extraction_options(spec))
     spec.require_match(ds.spec, args.checkpoint, f"{args.dataset} train")
     batches = load_batches(ds, epoch, args.steps, config["seed"], config["batch_size"])
     precision = resolve_precision(args.precision).precision

@@ -1,0 +1,33 @@
+"""The benchmark scripts that docs/benchmarks.md quotes, run at toy size, so they cannot rot."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from test_dist import precomp_dataset, run_mmca
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_train_step_profiles_and_compares_a_real_step(tmp_path):
+    root, cache = tmp_path / "precomp", tmp_path / "cache"
+    precomp_dataset(root, np.random.default_rng(0))
+    run_mmca("train", root, "--preset", "sample", "--epochs", "2", "--cross-from-epoch", "1", "--mirror-images",
+             "off", "--hidden", "16", "--heads", "2", "--batch-size", "16", "--cache", cache, "--no-progress",
+             "--out", tmp_path / "run")
+    out = tmp_path / "step.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_step.py"), str(tmp_path / "run" / "last.pt"),
+                           str(root), "--cache", str(cache), "--steps", "2", "--rounds", "1", "--bf16-error",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["phases"]["recomputed_pairs"] > 0 and result["ab"]["against"] == "plain"
+    assert 0 <= result["bf16_error"]["max"] < result["bf16_error"]["engine_bound"]
+    assert "plain step time / default step time" in done.stdout
