@@ -151,8 +151,9 @@ class TrainConfig:
 # Flickr8k sample on a 2-core laptop (docs/results.md says what each changes and why).
 PRESETS: dict[str, TrainConfig] = {
     # fp32 mining, measured: a full model trained from scratch has nearly tied scores early on, so
-    # bf16 mining recomputes nearly all B² pairs within its tie tolerance (6 s a step, fp32 1.5 s;
-    # docs/results.md "Collapse"). The staged cpu presets mine a trained i0·c0: "auto" there.
+    # bf16 mining recomputes nearly all B² pairs within its tie tolerance (6 s a step, fp32 1.5 s,
+    # measured at the old tolerance 0.05; docs/results.md "Collapse"). The staged cpu presets
+    # mine a trained i0·c0: "auto" there.
     "paper": TrainConfig(epochs=20, lr=2e-4, lr_decay_epochs=(10,), grad_clip=None, mining_precision="fp32"),
     "cpu": TrainConfig(epochs=8, lr=2e-4, lr_decay_epochs=(4,), warmup_epochs=1, cross_from_epoch=4,
                        cross_lr_scale=10.0, mirror_images=True),
