@@ -138,6 +138,14 @@ def tiny_images_dataset(flickr8k, root, train: int = 10, dev: int = 4):
     (root / "captions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def test_sample_epochs_must_leave_the_full_model_an_epoch(tmp_path, capsys):
+    """--epochs cuts both runs; one that would leave the cross module no epoch is refused
+    before any feature is prepared."""
+    assert main(["sample", str(tmp_path / "absent"), "--epochs", "4", "--cache", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "cross_from_epoch=4 with epochs=4" in err and not (tmp_path / "c").exists()
+
+
 def test_sample_runs_the_whole_job_and_exports_its_model(flickr8k, tmp_path, capsys):
     """The README's main job end to end on 14 real photos: both runs, the table, the model directory."""
     import json
