@@ -45,8 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--seed", type=int, default=None, help="seed of both runs (default: the preset's, 0)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="epochs of both runs (default: the preset's; --epochs 5 drops the sample preset's "
-                        "last full-model epoch, ~30%% of the job, at the cost docs/results.md measures)")
+                   help="epochs of both runs (default: the preset's, 5 for sample; --epochs 6 gives the "
+                        "full model a second epoch: docs/results.md, \"Cutting the recipe\")")
     p.add_argument("--mining-precision", choices=("auto", "fp32", "bf16"), default=None,
                    help="hardest-negative mining (default: the preset's, auto: bf16 only on bf16 hardware)")
     p.add_argument("--cache", type=Path, help="feature cache directory (default: ~/.cache/mmca)")
