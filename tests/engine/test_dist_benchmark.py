@@ -39,3 +39,32 @@ def test_distributed_bench_compares_two_ranks_with_one_process(tmp_path):
 def test_distributed_bench_refuses_ranks_that_cannot_share_the_threads():
     done = bench("--distributed", "--ranks", "3", "--threads", "2", *TOY)
     assert done.returncode == 2 and "share the threads evenly" in done.stderr
+
+
+def test_a_side_that_fails_after_writing_its_results_keeps_them(tmp_path, monkeypatch):
+    """A rank that aborts while leaving the process group (after rank 0 wrote every rank's
+    figures) costs a warning, not the measurement; a side that wrote nothing is an error."""
+    import argparse
+
+    import pytest
+
+    from mmca.engine import dist_benchmark
+    from mmca.errors import MmcaError
+
+    out = tmp_path / "side.json"
+    args = argparse.Namespace(device="cpu", d=32, heads=4, regions=4, img_dim=8, txt_dim=12, batch=8, steps=1,
+                              rank_images=12, split=None, checkpoint=None, dataset=None, dist_timeout=None,
+                              dist_backend=None)
+
+    def aborted_after_writing(argv, **kw):
+        out.write_text(json.dumps({"ranks": 2}))
+        return subprocess.CompletedProcess(argv, -6, "", "terminate called without an active exception")
+
+    monkeypatch.setattr(dist_benchmark.subprocess, "run", aborted_after_writing)
+    with pytest.warns(UserWarning, match="after writing its results"):
+        assert dist_benchmark._side(args, 2, 2, str(out)) == {"ranks": 2}
+    out.unlink()
+    monkeypatch.setattr(dist_benchmark.subprocess, "run",
+                        lambda argv, **kw: subprocess.CompletedProcess(argv, 1, "", "boom"))
+    with pytest.raises(MmcaError, match="2-process side of the benchmark failed"):
+        dist_benchmark._side(args, 2, 2, str(out))
