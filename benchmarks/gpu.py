@@ -1,6 +1,6 @@
 """The prepared accelerator run (`benchmarks/gpu.sh`): every GPU figure in one go, one table.
 
-A session is lent a GPU for 15 minutes in all, so this must be ready before the machine starts
+GPU time is scarce, so this is ready to run the moment a GPU machine is up
 and finish inside --budget seconds (default 570: under the 10 minutes one command may run):
 
   1. `mmca bench --only ab`: exhaustive scoring pairs/s, engine fp32 and bf16 vs the plain path,

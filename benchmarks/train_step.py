@@ -1,4 +1,4 @@
-"""Where a training step's time goes, and the step against its plain baseline (issue 11, item 4).
+"""Where a training step's time goes, and the step against its plain baseline (docs/benchmarks.md).
 
 Real Flickr8k train batches (the first --steps of the epoch after the checkpoint's), the model
 in train mode (dropout on), no optimiser step, so every variant sees the same weights; each

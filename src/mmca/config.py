@@ -11,7 +11,7 @@ from mmca.errors import ConfigError
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shapes and hyper-parameters of MMCA (SPEC §1; paper defaults)."""
+    """Shapes and hyper-parameters of MMCA (docs/model.md; paper defaults)."""
 
     img_dim: int = 1280  # D_img: MobileNetV2 grid cells; 2048 for bottom-up features
     txt_dim: int = 384  # D_txt: all-MiniLM-L6-v2; 768 for BERT-base
@@ -22,7 +22,7 @@ class ModelConfig:
     cnn_filters: int = 256  # per window size (1, 2, 3)
     windows: tuple[int, ...] = (1, 2, 3)
     dropout: float = 0.1
-    text_norm: str = "l2"  # "l2" (SPEC) or "layernorm_l2" (Eq. 7 read literally, then l2)
+    text_norm: str = "l2"  # "l2" (docs/model.md) or "layernorm_l2" (Eq. 7 read literally, then l2)
 
     @property
     def ffn(self) -> int:

@@ -1,4 +1,4 @@
-"""The evaluation job: the field's protocols (SPEC §2) over the engine's ranks, a results JSON
+"""The evaluation job: the field's protocols (docs/data.md) over the engine's ranks, a results JSON
 and a readable table.
 
 A protocol with folds (MS-COCO 1K) ranks each run of consecutive images against their own
@@ -155,7 +155,7 @@ def evaluate(
     feature_spec: FeatureSpec | None = None,
     shard: Shard | None = None,
 ) -> EvaluationResult:
-    """Rank every fold of `dataset` under `protocol` and compute SPEC §2's metrics.
+    """Rank every fold of `dataset` under `protocol` and compute its metrics (docs/data.md).
 
     mode: "exact" (pruned, same ranks as exhaustive), "exhaustive" (every pair through the
     cross unit) or "shortlist" (cross unit on the top `shortlist_k` of i0·c0 only; approximate).

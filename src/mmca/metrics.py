@@ -1,4 +1,4 @@
-"""Retrieval metrics of the field's protocol (SPEC §2), from ranks.
+"""Retrieval metrics of the field's protocol (docs/data.md, "The evaluation protocol"), from ranks.
 
 Ranks are 0-based. By default (`ties="pessimistic"`) a tie counts against the true item, so
 a collapsed model whose scores are all equal gets R@K = 0 rather than 100:

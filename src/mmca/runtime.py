@@ -5,7 +5,7 @@ as soon as it holds more free memory than the trim threshold. The scoring kernel
 step free and reallocate tens of MB per block; the kernel then zero-fills those pages again on
 first touch. Measured on a 2-core AMD EPYC: ~6,000 minor page faults per 64-pair block; the
 block up to ~30 % slower than with the memory kept while the VM's cores were contended, a few
-percent when quiet (docs/benchmarks.md, session 7). Raising both
+percent when quiet (docs/benchmarks.md, "Scoring engine"). Raising both
 thresholds keeps freed memory in the process for reuse: the cost is that the resident size stays
 near its peak instead of shrinking between blocks, for the rest of the process (a long-running
 `mmca serve` included). `MMCA_RETAIN_MEMORY=0` in the environment leaves glibc's defaults alone.

@@ -1,5 +1,5 @@
 """Fixtures for the feature tests: real Flickr8k photos and captions, the real frozen models
-(loaded once per session), and small images-folder datasets copied into tmp."""
+(loaded once per test run), and small images-folder datasets copied into tmp."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Fixtures for the search tests: an index of the session's ~20 real Flickr8k photos with their
-captions and its small random-weight checkpoint (tests/conftest.py), built once per session."""
+"""Fixtures for the search tests: an index of the test run's ~20 real Flickr8k photos with their
+captions and its small random-weight checkpoint (tests/conftest.py), built once per test run."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from mmca.errors import MmcaError
 NAME = "train"
 HELP = "train a model (hardest-negative triplet loss, best checkpoint by dev rsum)"
 DESCRIPTION = """\
-Train MMCA on DATASET_DIR (either layout of SPEC §3; features are prepared and cached on
+Train MMCA on DATASET_DIR (either layout of docs/data.md; features are prepared and cached on
 first use, like `mmca prepare`). After every epoch the model is evaluated on the validation
 split with the exact pruned protocol; the checkpoint with the best rsum is kept.
 

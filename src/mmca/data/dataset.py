@@ -1,5 +1,5 @@
 """The in-memory dataset every job reads: per image its region features, per caption its
-token states and its image. Both on-disk layouts (SPEC §3) end up here."""
+token states and its image. Both on-disk layouts (docs/data.md) end up here."""
 
 from __future__ import annotations
 

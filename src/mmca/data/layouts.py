@@ -1,4 +1,4 @@
-"""Read the two on-disk layouts (SPEC §3) into a `SplitSource`, validating as we go.
+"""Read the two on-disk layouts (docs/data.md) into a `SplitSource`, validating as we go.
 
 Every check raises a `DataError` naming the file (and line or image) and saying what to do,
 because a bad dataset found here costs seconds, found during feature extraction it costs hours.

@@ -1,4 +1,4 @@
-"""The scoring engine (SPEC §5): per-item precomputation, batched pair scoring streamed in
+"""The scoring engine (docs/engine.md): per-item precomputation, batched pair scoring streamed in
 fixed-shape blocks, exact pruned ranks and top-K, shortlist re-ranking, and mine-then-recompute
 training loss."""
 

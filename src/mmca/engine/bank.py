@@ -155,7 +155,7 @@ def key_logits(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None) 
 def max_over(x: torch.Tensor, dim: int) -> torch.Tensor:
     """x.amax(dim), the same values, by halving: the maximum of two overlapping halves until one
     row is left. On CPU, amax over a dim of 16-36 with an inner size of ~20 runs 4-5x slower
-    than these few elementwise passes (docs/benchmarks.md, session 7); max is exact either way."""
+    than these few elementwise passes (docs/benchmarks.md: Scoring engine); max is exact either way."""
     if x.shape[dim] == 1:
         return x.squeeze(dim).clone()  # a new tensor, as amax's: callers then modify x in place
     while x.shape[dim] > 1:

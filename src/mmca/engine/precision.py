@@ -3,7 +3,7 @@ bf16 units, float32 elsewhere.
 
 bf16 halves memory traffic and, on hardware with bf16 units (CPUs with AVX512_BF16 or AMX,
 NVIDIA GPUs from Ampere on), runs matrix products several times faster. Elsewhere it is
-emulated: on an AVX2-only CPU a bf16 product ran ~40x slower than float32 (SPEC §5). So
+emulated: on an AVX2-only CPU a bf16 product ran ~40x slower than float32 (docs/engine.md). So
 "auto" asks the device: the CPU's feature flags (Linux /proc/cpuinfo) or the GPU's compute
 capability; where neither is known, or where the process is held below the CPU's instruction
 set (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA), it times a few small matrix products in both dtypes.

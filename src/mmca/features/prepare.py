@@ -1,5 +1,5 @@
 """Prepare a split: read it, compute the frozen features it lacks, cache them, and return the
-`RetrievalDataset` every job reads (SPEC §1: both frozen parts are computed once per dataset).
+`RetrievalDataset` every job reads (docs/model.md: both frozen parts are computed once per dataset).
 
 Each split has two cache entries, so changing one side never recomputes the other:
 `{split}.images-{hash}` (the backbone's grid; images layout only, precomp ships its features) and

@@ -1,5 +1,5 @@
 """The frozen text encoder: per-token last hidden states of a local BERT-family checkpoint
-(SPEC §1: `[CLS]` and `[SEP]` kept, padding never stored).
+(docs/model.md: `[CLS]` and `[SEP]` kept, padding never stored).
 
 Encoders are given by directory (transformers' or sentence-transformers' layout) or by a
 registered name: `minilm` (all-MiniLM-L6-v2, the offline default, shipped in one wheel) and

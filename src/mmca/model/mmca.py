@@ -1,4 +1,4 @@
-"""The MMCA network (SPEC §1): a self-attention module per modality and a cross-attention
+"""The MMCA network (docs/model.md): a self-attention module per modality and a cross-attention
 module over the stacked regions and words, scored as S = i0·c0 + α·i1·c1."""
 
 from __future__ import annotations

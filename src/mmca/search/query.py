@@ -10,7 +10,7 @@ turns it into a one-caption `TextBank`. The gallery side is the index's `ImageBa
   i0·c0 and gathered from the memory-mapped shards in chunks of doubling size. The engine's
   exact top-k of each chunk is merged into the running top k, and the walk stops once the
   k-th best full score is above the upper bound i0·c0 + α of every image not yet gathered:
-  no such image can enter the top k (SPEC §5's bound), so the result equals the engine's
+  no such image can enter the top k (the bound of docs/engine.md), so the result equals the engine's
   top-k over the whole gallery. Ties break by the lower id, as in the engine.
 """
 
