@@ -11,7 +11,7 @@ import torch
 from mmca.config import ModelConfig
 from mmca.errors import CheckpointError
 from mmca.features.spec import FeatureSpec
-from mmca.io import atomic_write
+from mmca.atomic import atomic_write
 from mmca.model import MMCA
 
 FORMAT = "mmca-checkpoint-v1"

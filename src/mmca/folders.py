@@ -13,7 +13,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from mmca.errors import MmcaError
-from mmca.io import atomic_write_text
+from mmca.atomic import atomic_write_text
 
 MARKER = ".mmca-folder.json"
 FORMAT = 1

@@ -31,7 +31,7 @@ from mmca.engine.global_batch import average_gradients, global_mined_loss
 from mmca.engine.precision import PrecisionChoice, resolve_precision
 from mmca.errors import MmcaError
 from mmca.evaluate import evaluate
-from mmca.io import atomic_write_text
+from mmca.atomic import atomic_write_text
 from mmca.model import MMCA
 
 LOG_FIELDS = ["epoch", "loss", "loss_kind", "lr", "train_s", "val_s",

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from mmca.checkpoint import read_checkpoint
     from mmca.evaluate import PAPER_RESULTS, format_table
     from mmca.features.prepare import open_dataset
-    from mmca.io import atomic_write, atomic_write_text
+    from mmca.atomic import atomic_write, atomic_write_text
     from mmca.train import Trainer, prefix_config
 
     started = time.perf_counter()

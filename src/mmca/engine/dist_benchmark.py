@@ -35,7 +35,7 @@ from mmca.engine.benchmark import RandomImages, RandomTokens, sync_device
 from mmca.engine.global_batch import average_gradients, global_mined_loss
 from mmca.engine.mining import mined_loss
 from mmca.errors import MmcaError
-from mmca.io import atomic_write_text
+from mmca.atomic import atomic_write_text
 from mmca.model import MMCA
 
 COLLECTIVES = ("all_reduce", "all_gather_single", "all_gather", "broadcast", "barrier")
