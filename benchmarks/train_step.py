@@ -40,7 +40,7 @@ from mmca.engine import mining
 from mmca.engine.precision import resolve_precision
 from mmca.engine.scoring import ScoringEngine, inference_mode
 from mmca.features.prepare import open_dataset
-from mmca.features.spec import extraction_options
+from mmca.features.options import extraction_options
 from mmca.loss import max_violation_loss
 from mmca.model import MMCA
 from mmca.runtime import retain_freed_memory

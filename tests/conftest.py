@@ -42,7 +42,7 @@ N_IMAGES = 20
 
 def small_checkpoint(path: Path, seed: int, backbone: str = "mobilenet_v2", image_size: int | None = None) -> Path:
     from mmca.features import ImageBackbone, TextEncoder
-    from mmca.features.spec import FeatureSpec
+    from mmca.data.spec import FeatureSpec
 
     torch.manual_seed(seed)
     spec = FeatureSpec.from_extractors(ImageBackbone(6, backbone, image_size), TextEncoder())

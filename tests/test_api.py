@@ -277,7 +277,7 @@ def test_an_exported_model_evaluates_as_its_checkpoint(tmp_path):
     from mmca.checkpoint import save_checkpoint
     from mmca.config import ModelConfig
     from mmca.features import TextEncoder
-    from mmca.features.spec import FeatureSpec, precomp_image_spec, text_spec
+    from mmca.data.spec import FeatureSpec, precomp_image_spec, text_spec
     from mmca.model import MMCA
 
     root = tmp_path / "precomp"

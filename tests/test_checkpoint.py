@@ -4,7 +4,7 @@ import torch
 from mmca.checkpoint import load_model, save_checkpoint
 from mmca.config import ModelConfig
 from mmca.errors import CheckpointError
-from mmca.features.spec import FeatureSpec
+from mmca.data.spec import FeatureSpec
 from mmca.model import MMCA
 
 

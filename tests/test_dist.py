@@ -134,7 +134,7 @@ def test_torchrun_evaluate_writes_the_single_process_result(tmp_path, precomp):
     the plain command's."""
     from mmca.checkpoint import save_checkpoint
     from mmca.features import TextEncoder
-    from mmca.features.spec import FeatureSpec, precomp_image_spec, text_spec
+    from mmca.data.spec import FeatureSpec, precomp_image_spec, text_spec
 
     root, cache = precomp
     spec = FeatureSpec(precomp_image_spec(root / "dev_ims.npy", (8, 4, 8), "float32"), text_spec(TextEncoder()))

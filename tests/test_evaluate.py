@@ -170,7 +170,7 @@ def checkpoint(tmp_path):
     from mmca.checkpoint import save_checkpoint
 
     from mmca.features import TextEncoder
-    from mmca.features.spec import FeatureSpec, precomp_image_spec, text_spec
+    from mmca.data.spec import FeatureSpec, precomp_image_spec, text_spec
 
     torch.manual_seed(0)
     spec = FeatureSpec(precomp_image_spec(tmp_path / "dev_ims.npy", (6, 4, 8), "float32"), text_spec(TextEncoder()))

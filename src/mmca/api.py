@@ -27,11 +27,12 @@ import torch
 from PIL import Image
 
 from mmca.data.dataset import TokenFeatures
+from mmca.data.spec import ARRAYS, PRECOMP, FeatureSpec
 from mmca.engine import ImageBank, ScoringEngine, TextBank
 from mmca.engine.precision import CHOICES, resolve_precision
 from mmca.engine.scoring import full_fp32
 from mmca.errors import ConfigError, DataError, MmcaError
-from mmca.features.spec import ARRAYS, PRECOMP, FeatureSpec, extraction_options
+from mmca.features.options import extraction_options
 
 if TYPE_CHECKING:
     from mmca.search import Searcher
@@ -119,7 +120,7 @@ class Retriever:
                             f"pass region features (N x {self.spec.image.regions} x {self.spec.image.dim}) "
                             "to encode_images")
         if "backbone" not in self._extractors:
-            from mmca.features.spec import image_backbone
+            from mmca.features.options import image_backbone
             self._extractors["backbone"] = image_backbone(self._options())
         return self._extractors["backbone"]
 

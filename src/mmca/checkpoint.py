@@ -10,7 +10,7 @@ import torch
 
 from mmca.config import ModelConfig
 from mmca.errors import CheckpointError
-from mmca.features.spec import FeatureSpec
+from mmca.data.spec import FeatureSpec
 from mmca.atomic import atomic_write
 from mmca.model import MMCA
 

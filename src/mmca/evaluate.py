@@ -20,7 +20,7 @@ from mmca import __version__
 from mmca.data.dataset import RetrievalDataset
 from mmca.dist import Shard
 from mmca.errors import CheckpointError, DataError
-from mmca.features.spec import FeatureSpec
+from mmca.data.spec import FeatureSpec
 from mmca.atomic import atomic_write_text
 from mmca.metrics import TIES, Metrics, average_folds, retrieval_metrics
 from mmca.model import MMCA

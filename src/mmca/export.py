@@ -110,7 +110,7 @@ def _readable(folder: Path) -> None:
 def model_card(config: dict[str, Any]) -> str:
     """README.md of a model directory: what the model is, what it was trained on, how well it
     did on the split it was chosen on, and how to use it."""
-    from mmca.features.spec import FeatureSpec
+    from mmca.data.spec import FeatureSpec
 
     spec = FeatureSpec.from_dict(config["feature_spec"])
     model, train = config["config"], config.get("train_config")

@@ -13,7 +13,8 @@ from mmca.checkpoint import checkpoint_spec, read_checkpoint, save_checkpoint
 from mmca.config import ModelConfig
 from mmca.errors import CheckpointError
 from mmca.features import ImageBackbone, TextEncoder, open_dataset
-from mmca.features.spec import FeatureSpec, extraction_options
+from mmca.data.spec import FeatureSpec
+from mmca.features.options import extraction_options
 from mmca.model import MMCA
 
 
@@ -178,7 +179,7 @@ def test_index_add_refuses_feature_flags(tmp_path, capsys):
 def test_a_recorded_encoder_name_is_used_only_when_registered(spec6):
     """A copied model finds a registered encoder by name; any other recorded name (an edited
     file, say '../../etc') is never used as a path."""
-    from mmca.features.spec import extraction_options
+    from mmca.features.options import extraction_options
 
     copied = replace(spec6, text=replace(spec6.text, model_dir=None, name="minilm"))
     assert extraction_options(copied)["text_encoder"] == "minilm"

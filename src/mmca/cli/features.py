@@ -8,7 +8,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from mmca.features.spec import FeatureSpec, extraction_options
+from mmca.data.spec import FeatureSpec
+from mmca.features.options import extraction_options
 
 DEFAULT_GRID = 6
 DEFAULT_MAX_TOKENS = 64

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from mmca.features.spec import FeatureSpec
+from mmca.data.spec import FeatureSpec
 
 
 @dataclass
@@ -104,8 +102,6 @@ class RetrievalDataset:
     @property
     def spec(self) -> FeatureSpec:
         """The feature spec, or one of shapes only for features of unknown provenance."""
-        from mmca.features.spec import FeatureSpec
-
         if self.feature_spec is not None:
             return self.feature_spec
         _, k, dim = self.image_features.shape

@@ -235,7 +235,7 @@ def bench_ranks(model, args, log, spec=None) -> dict:
     eng = ScoringEngine(model, device=args.device)
     if args.dataset:
         from mmca.features.prepare import open_dataset
-        from mmca.features.spec import extraction_options
+        from mmca.features.options import extraction_options
         ds = open_dataset(args.dataset, args.split, **(extraction_options(spec) if spec else {}))
         if spec is not None:
             spec.require_match(ds.spec, args.checkpoint, f"{args.dataset} {args.split}")

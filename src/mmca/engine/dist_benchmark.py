@@ -127,7 +127,7 @@ def time_evaluation(args, shard: Shard, device: torch.device) -> dict:
     if args.checkpoint and args.dataset:
         from mmca.checkpoint import load_model_and_spec
         from mmca.features.prepare import open_dataset
-        from mmca.features.spec import extraction_options
+        from mmca.features.options import extraction_options
         model, spec, _ = load_model_and_spec(args.checkpoint, device=device)
         gallery = shard.main_first(lambda: open_dataset(args.dataset, args.split, progress=False,
                                                         **extraction_options(spec)))

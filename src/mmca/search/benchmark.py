@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     rand = args.work / "random-d256.pt"
     if not rand.exists() or "feature_spec" not in read_checkpoint(rand):  # absent, or from before specs
         from mmca.features import ImageBackbone, TextEncoder
-        from mmca.features.spec import FeatureSpec
+        from mmca.data.spec import FeatureSpec
         save_checkpoint(rand, MMCA(ModelConfig()), FeatureSpec.from_extractors(ImageBackbone(), TextEncoder()))
     ckpts = {"random": rand}
     trained = ([str(args.checkpoint)] if args.checkpoint else

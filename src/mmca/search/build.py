@@ -13,7 +13,8 @@ from mmca.checkpoint import load_model, load_model_and_spec
 from mmca.data.dataset import TokenFeatures
 from mmca.engine import ScoringEngine
 from mmca.errors import CheckpointError, DataError, MmcaError
-from mmca.features.spec import FeatureSpec, extraction_options, image_backbone
+from mmca.data.spec import FeatureSpec
+from mmca.features.options import extraction_options, image_backbone
 from mmca.search.index import (STORAGE, GalleryIndex, IndexWriter, backbone_identity, checkpoint_identity,
                                index_backbone, list_images, text_encoder_identity)
 
