@@ -30,7 +30,7 @@ from mmca.data.dataset import TokenFeatures
 from mmca.data.spec import ARRAYS, PRECOMP, FeatureSpec
 from mmca.engine import ImageBank, ScoringEngine, TextBank
 from mmca.engine.precision import CHOICES, resolve_precision
-from mmca.engine.scoring import full_fp32
+from mmca.engine.guards import full_fp32
 from mmca.errors import ConfigError, DataError, MmcaError
 from mmca.features.options import extraction_options
 

@@ -32,7 +32,7 @@ def export_model_dir(checkpoint: str | Path, out: str | Path, command: str | Non
     export is always loadable. `command`: how the model was made, for the model card."""
     from mmca import __version__
     from mmca.checkpoint import load_model
-    from mmca.engine.scoring import require_finite_weights
+    from mmca.engine.guards import require_finite_weights
     from mmca.search.index import checkpoint_identity
 
     checkpoint, out = Path(checkpoint), Path(out)

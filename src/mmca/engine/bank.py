@@ -207,15 +207,6 @@ def fill_image_bank(bank: ImageBank, start: int, part: ImageBank) -> None:
         getattr(bank, f)[start:start + len(part)] = getattr(part, f)
 
 
-@torch.no_grad()
-def build_text_bucket(model, tokens: torch.Tensor, mask: torch.Tensor, captions: torch.Tensor,
-                      length: int, dtype: torch.dtype = torch.float32):
-    """Tokens (B, n, D_txt) with mask (B, n), n <= length -> (TextBucket padded to `length`, c0)."""
-    tokens, mask = pad_tokens(tokens, mask, length)
-    e, c0 = model.encode_text(tokens, mask)
-    return text_bucket_from_encoded(model, e, c0, mask, captions, dtype)
-
-
 def pad_tokens(tokens: torch.Tensor, mask: torch.Tensor, length: int):
     """(B, n, D), (B, n) -> padded or cut to `length` positions (cut positions must be padding)."""
     n = tokens.shape[1]

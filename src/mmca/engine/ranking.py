@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mmca.dist import Shard
-from mmca.engine.scoring import full_fp32, require_finite
+from mmca.engine.guards import full_fp32, require_finite
 from mmca.metrics import TIES, ahead
 
 

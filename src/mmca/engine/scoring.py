@@ -8,12 +8,14 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from mmca.dist import Shard
+from mmca.engine import ranking
 from mmca.engine.bank import (ImageBank, TextBank, bucketed_text_bank, build_image_bank,
                               empty_image_bank, empty_text_bucket, fill_image_bank, fill_text_bucket,
                               pad_tokens)
+from mmca.engine.guards import require_finite, require_finite_weights
 from mmca.engine.pairs import CrossWeights, score_block
 from mmca.runtime import retain_freed_memory
-from mmca.errors import NonFiniteError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Pairs per block by device: fewer, larger calls (the kernel is ~40 tensor ops a block; 16-pair
@@ -27,45 +29,6 @@ STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def _as_index(x, device) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x, dtype=np.int64) if not torch.is_tensor(x) else x,
                            dtype=torch.int64).reshape(-1).to(device)
-
-
-def require_finite(x: torch.Tensor, what: str, item: str | None = None, offset: int = 0) -> None:
-    """Raise a NonFiniteError naming `what` (and the first bad `item` row) if `x` holds NaN/Inf:
-    NaN compares false with everything, so it would silently rank first (R@1 = 100)."""
-    finite = torch.isfinite(x)
-    if bool(finite.all()):
-        return
-    where = ""
-    if item is not None and x.dim() > 0:
-        bad = int((~finite.reshape(len(x), -1).all(1)).nonzero()[0])
-        where = f" ({item} {offset + bad})"
-    kind = "NaN" if bool(torch.isnan(x).any()) else "Inf"
-    raise NonFiniteError(f"{what} contain {kind}{where}: no metric or ranking can be computed from them",
-                         "check the features (re-run `mmca prepare --force`) and the checkpoint "
-                         "(a diverged run: resume from an earlier last.pt with a lower learning rate)")
-
-
-def require_finite_weights(model) -> None:
-    """Every parameter finite (one device sync for all of them), else name the first bad one."""
-    params = [(n, p.detach()) for n, p in model.named_parameters()]
-    if params and not bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
-        name, p = next((n, p) for n, p in params if not bool(torch.isfinite(p).all()))
-        require_finite(p, f"the model's weights ({name})")
-
-
-@contextmanager
-def full_fp32():
-    """Float32 matrix products at full precision for the duration, whatever the global setting:
-    TF32 (a common global switch on GPUs) moves i0·c0 by ~1e-3, far beyond the exact bound's slack."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    precision = torch.get_float32_matmul_precision()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-        torch.set_float32_matmul_precision(precision)
 
 
 @contextmanager
@@ -309,25 +272,17 @@ class ScoringEngine:
               ties: str = "pessimistic", shard=None):
         """See `mmca.engine.ranking.ranks`; `shard` (a `mmca.dist.Shard`) splits the queries
         over the ranks of a process group."""
-        from mmca.dist import Shard
-        from mmca.engine.ranking import ranks
-        return ranks(self, images, texts, caption_image, mode=mode, max_rank=max_rank,
+        return ranking.ranks(self, images, texts, caption_image, mode=mode, max_rank=max_rank,
                      shortlist_k=shortlist_k, image_block=image_block, ties=ties, shard=shard or Shard())
 
     def topk_images(self, images: ImageBank, texts: TextBank, k: int, mode: str = "exact"):
         """Per caption, the top-k images under full S -> (scores (M, k), indices (M, k));
         ties broken by the lower index. mode "exact" (pruned) or "exhaustive"."""
-        from mmca.engine.ranking import topk
-        return topk(self, images, texts, k, query="text", mode=mode)
+        return ranking.topk(self, images, texts, k, query="text", mode=mode)
 
     def topk_captions(self, images: ImageBank, texts: TextBank, k: int, mode: str = "exact"):
         """Per image, the top-k captions under full S -> (scores (N, k), indices (N, k))."""
-        from mmca.engine.ranking import topk
-        return topk(self, images, texts, k, query="image", mode=mode)
-
-    def reset_counter(self) -> int:
-        n, self.pair_passes = self.pair_passes, 0
-        return n
+        return ranking.topk(self, images, texts, k, query="image", mode=mode)
 
 
 __all__ = ["PRECISIONS", "STORAGE", "ScoringEngine", "inference_mode"]

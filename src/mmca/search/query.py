@@ -31,7 +31,7 @@ from PIL import Image
 
 from mmca.checkpoint import load_model
 from mmca.engine import ImageBank, ScoringEngine
-from mmca.engine.scoring import full_fp32
+from mmca.engine.guards import full_fp32
 from mmca.errors import CheckpointError, DataError, MmcaError
 from mmca.features.backbone import MIN_SIDE, fit_photo
 from mmca.search.index import GalleryIndex, index_backbone, text_encoder_identity
