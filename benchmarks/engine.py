@@ -3,12 +3,9 @@
     python benchmarks/engine.py [--skip-big] [--json out.json] ...
 """
 
-import argparse
 import sys
 
-from mmca.engine.benchmark import add_arguments, run
+from mmca.cli import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="benchmarks/engine.py", description=__doc__)
-    add_arguments(parser)
-    sys.exit(run(parser.parse_args()))
+    sys.exit(main(["bench", *sys.argv[1:]]))

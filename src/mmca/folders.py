@@ -18,8 +18,9 @@ from mmca.atomic import atomic_write_text
 MARKER = ".mmca-folder.json"
 FORMAT = 1
 # run: one training run; sample: `mmca sample`'s folder of two runs and a model directory;
-# index: a search index; model: an exported model directory; cache: the feature cache.
-KINDS = ("run", "sample", "index", "model", "cache")
+# index: a search index; model: an exported model directory; cache: the feature cache;
+# bench: `mmca bench --search`'s indexes and checkpoints.
+KINDS = ("run", "sample", "index", "model", "cache", "bench")
 
 # What each kind's folder held before markers: an unmarked folder is taken as a kind when it
 # holds one of that kind's signature files and nothing but the names (glob patterns) it writes.
@@ -28,6 +29,7 @@ LEGACY: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "sample": (("results.json", "alpha0"), ("alpha0", "mmca", "model", "results.json")),
     "index": (("index.sqlite",), ("index.sqlite", "index.sqlite-*", "shards")),
     "model": (("model.safetensors",), ("config.json", "model.safetensors", "README.md")),
+    "bench": (("random-d256.pt",), ("random-d256.pt", "dev-*", "syn*-*", "results.json")),
 }
 
 

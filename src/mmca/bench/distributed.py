@@ -12,7 +12,6 @@ Under `torchrun ... -m mmca bench` the worker runs directly with the ranks torch
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -28,14 +27,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmca.atomic import atomic_write_text
+from mmca.bench.inputs import RandomImages, RandomTokens, random_gallery, sync_device
+from mmca.bench.options import DistributedOptions
+from mmca.checkpoint import load_model_and_spec
 from mmca.config import ModelConfig
-from mmca.data.dataset import RetrievalDataset, TokenFeatures
 from mmca.dist import Shard, init_from_env
-from mmca.engine.benchmark import RandomImages, RandomTokens, sync_device
 from mmca.engine.global_batch import average_gradients, global_mined_loss
 from mmca.engine.mining import mined_loss
 from mmca.errors import MmcaError
-from mmca.atomic import atomic_write_text
+from mmca.evaluate import Protocol, evaluate
+from mmca.features.options import extraction_options
+from mmca.features.prepare import open_dataset
 from mmca.model import MMCA
 
 COLLECTIVES = ("all_reduce", "all_gather_single", "all_gather", "broadcast", "barrier")
@@ -72,23 +75,12 @@ class CollectiveClock:
                 setattr(dist, name, fn)
 
 
-def random_gallery(images: int, dim_img: int, dim_txt: int, regions: int, per: int = 5) -> RetrievalDataset:
-    """A gallery of random features with realistic caption lengths (the benchmark's default)."""
-    feats = RandomImages(images, regions, dim_img, seed=41).image_batch(np.arange(images)).numpy()
-    texts = RandomTokens(images * per, dim_txt, seed=42)
-    offsets = np.concatenate([[0], np.cumsum(texts.lengths)]).astype(np.int64)
-    states = torch.randn(int(offsets[-1]), dim_txt, generator=torch.Generator().manual_seed(43)).half().numpy()
-    return RetrievalDataset(name="random", split="gallery", image_ids=[str(i) for i in range(images)],
-                            captions=[""] * (images * per), caption_image=np.repeat(np.arange(images), per),
-                            captions_per_image=per, image_features=feats,
-                            token_features=TokenFeatures(states, offsets))
-
-
-def time_training_step(config: ModelConfig, args, shard: Shard, device: torch.device) -> dict:
-    """Seconds of one optimizer step on a global batch of args.batch (median of args.steps after
+def time_training_step(config: ModelConfig, opts: DistributedOptions, shard: Shard, device: torch.device) -> dict:
+    """Seconds of one optimizer step on a global batch of `work.batch` (median of `steps` after
     a warm-up step) and the seconds inside collectives per step."""
-    bsz = args.batch
-    regions = RandomImages(bsz, args.regions, config.img_dim, seed=21).image_batch(np.arange(bsz))
+    w = opts.work
+    bsz = w.batch
+    regions = RandomImages(bsz, w.regions, config.img_dim, seed=21).image_batch(np.arange(bsz))
     tokens, mask = RandomTokens(bsz, config.txt_dim, seed=22).batch(np.arange(bsz))
     s, e = shard.span(bsz)
     same_image = torch.eye(bsz, dtype=torch.bool, device=device)
@@ -97,7 +89,7 @@ def time_training_step(config: ModelConfig, args, shard: Shard, device: torch.de
     opt = torch.optim.Adam(model.parameters(), lr=2e-4)
     clock = CollectiveClock(device)
     times, comm = [], []
-    for step in range(args.steps + 1):
+    for step in range(opts.steps + 1):
         before = clock.seconds
         sync_device(device)
         t = time.perf_counter()
@@ -120,23 +112,18 @@ def time_training_step(config: ModelConfig, args, shard: Shard, device: torch.de
     return {"seconds": median(times), "collective_seconds": median(comm), "loss": float(loss.detach())}
 
 
-def time_evaluation(args, shard: Shard, device: torch.device) -> dict:
+def time_evaluation(opts: DistributedOptions, shard: Shard, device: torch.device) -> dict:
     """Seconds of one exact evaluation (full protocol) of the gallery, and inside collectives."""
-    from mmca.evaluate import Protocol, evaluate
-
-    if args.checkpoint and args.dataset:
-        from mmca.checkpoint import load_model_and_spec
-        from mmca.features.prepare import open_dataset
-        from mmca.features.options import extraction_options
-        model, spec, _ = load_model_and_spec(args.checkpoint, device=device)
-        gallery = shard.main_first(lambda: open_dataset(args.dataset, args.split, progress=False,
+    w = opts.work
+    if w.checkpoint and w.dataset:
+        model, spec, _ = load_model_and_spec(w.checkpoint, device=device)
+        gallery = shard.main_first(lambda: open_dataset(w.dataset, w.split, progress=False,
                                                         **extraction_options(spec)))
-        spec.require_match(gallery.spec, args.checkpoint, f"{args.dataset} {args.split}")
+        spec.require_match(gallery.spec, w.checkpoint, f"{w.dataset} {w.split}")
     else:
         torch.manual_seed(0)
-        model = MMCA(ModelConfig(img_dim=args.img_dim, txt_dim=args.txt_dim, d=args.d, heads=args.heads,
-                                 dropout=0.0)).to(device)
-        gallery = random_gallery(args.rank_images, args.img_dim, args.txt_dim, args.regions)
+        model = MMCA(w.model_config()).to(device)
+        gallery = random_gallery(w.rank_images, w.img_dim, w.txt_dim, w.regions)
     model.eval()
     whole = Protocol("full", "the whole gallery", images=gallery.num_images)
     clock = CollectiveClock(device)
@@ -148,14 +135,14 @@ def time_evaluation(args, shard: Shard, device: torch.device) -> dict:
             "rsum": result.metrics["rsum"], "pair_fraction": result.pair_fraction}
 
 
-def worker(args) -> dict | None:
+def worker(opts: DistributedOptions) -> dict | None:
     """One side of the comparison (this process as one of the ranks torchrun started, or alone).
     Returns the result on rank 0 (every rank's collective seconds, the slowest rank's step)."""
-    shard = init_from_env(args.device, args.dist_backend, args.dist_timeout)
-    device = torch.device(shard.device_for(args.device))
-    config = ModelConfig(img_dim=args.img_dim, txt_dim=args.txt_dim, d=args.d, heads=args.heads, dropout=0.0)
-    mine = {"train_step": time_training_step(config, args, shard, device),
-            "evaluation": time_evaluation(args, shard, device), "threads": torch.get_num_threads()}
+    w = opts.work
+    shard = init_from_env(w.device, opts.backend, opts.timeout)
+    device = torch.device(shard.device_for(w.device))
+    mine = {"train_step": time_training_step(w.model_config(), opts, shard, device),
+            "evaluation": time_evaluation(opts, shard, device), "threads": torch.get_num_threads()}
     ranks = [mine]
     if shard.world > 1:
         ranks = [None] * shard.world
@@ -171,51 +158,46 @@ def worker(args) -> dict | None:
     return out
 
 
-def _side(args, ranks: int, threads: int, out_path: str) -> dict:
-    """Run one side in fresh processes (its own thread count, its own process group)."""
+def _side(opts: DistributedOptions, ranks: int, threads: int, out_path: str) -> dict:
+    """Run one side in fresh processes (its own thread count, its own process group); they read
+    the options from a JSON file beside `out_path`."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
+    options = f"{out_path}.options.json"
+    atomic_write_text(Path(options), json.dumps(opts.to_dict()))
     launcher = [sys.executable] if ranks == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-    argv = [*launcher, "-m", "mmca", "bench", "--distributed-side", out_path, *_forwarded(args)]
+    argv = [*launcher, "-m", "mmca", "bench", "--distributed-side", out_path, "--side-options", options]
     done = subprocess.run(argv, env=env, capture_output=True, text=True)
     if done.returncode != 0 and os.path.exists(out_path):
         # rank 0 writes the file only once every rank's figures are in: the failure came after
-        # the measurement, when the ranks tore down their gloo connections (a rare race, seen once
-        # in CI as one rank's SIGABRT after the final barrier); the figures stand
+        # the measurement, when the ranks tore down their gloo connections (a rare race: one
+        # rank's SIGABRT after the final barrier); the figures stand
         warnings.warn(f"the {ranks}-process side exited with status {done.returncode} after writing its "
                       "results (a rank failed while leaving the process group); the results are kept",
                       stacklevel=2)
     elif done.returncode != 0:
         raise MmcaError(f"the {ranks}-process side of the benchmark failed:\n{done.stderr[-2000:]}",
-                        "run that side alone (`torchrun --nproc-per-node N -m mmca bench --distributed-side "
-                        "OUT.json ...`) to see its full output")
+                        "run that side alone (`torchrun --nproc-per-node N -m mmca bench ...` with the same "
+                        "flags, without --distributed) to see its full output")
     with open(out_path) as f:
         return json.load(f)
 
 
-def _forwarded(args) -> list[str]:
-    flags = {"--device": args.device, "--hidden": args.d, "--heads": args.heads, "--regions": args.regions,
-             "--img-dim": args.img_dim, "--txt-dim": args.txt_dim, "--batch": args.batch,
-             "--steps": args.steps, "--rank-images": args.rank_images, "--split": args.split,
-             "--checkpoint": args.checkpoint, "--dataset": args.dataset, "--dist-timeout": args.dist_timeout,
-             "--dist-backend": args.dist_backend}
-    return [str(x) for k, v in flags.items() if v is not None for x in (k, v)]
-
-
-def compare(args, log) -> dict:
+def compare(opts: DistributedOptions, log) -> dict:
     """1 process × T threads against W ranks × T/W threads; a table of both and the ratio."""
-    world = args.ranks
-    threads = args.threads or torch.get_num_threads()
+    w = opts.work
+    world = opts.ranks
+    threads = opts.threads or torch.get_num_threads()
     if world < 2 or threads % world:
         raise MmcaError(f"--ranks {world} with {threads} threads: need at least 2 ranks that share the threads "
                         "evenly", f"e.g. --ranks 2 --threads {max(2, threads - threads % 2)}")
     with tempfile.TemporaryDirectory() as tmp:
-        one = _side(args, 1, threads, os.path.join(tmp, "one.json"))
-        many = _side(args, world, threads // world, os.path.join(tmp, "many.json"))
+        one = _side(opts, 1, threads, os.path.join(tmp, "one.json"))
+        many = _side(opts, world, threads // world, os.path.join(tmp, "many.json"))
     log(f"(dist) 1 process x {threads} threads vs {world} {many['backend']} ranks x {threads // world} "
-        f"thread(s), {args.device}; global batch {args.batch}, gallery {one['evaluation']['gallery']}")
+        f"thread(s), {w.device}; global batch {w.batch}, gallery {one['evaluation']['gallery']}")
     log(f"    {'':22s}{'1 process':>12s}{f'{world} ranks':>12s}{'ratio':>8s}{'in collectives':>17s}")
     for part, label in (("train_step", "training step (s)"), ("evaluation", "exact evaluation (s)")):
         a, b = one[part]["seconds"], many[part]["seconds"]
@@ -226,25 +208,14 @@ def compare(args, log) -> dict:
     return {"one_process": one, "ranks": many}
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--distributed", action="store_true",
-                        help="data parallelism: one training step and one exact evaluation, 1 process x T "
-                             "threads against --ranks ranks x T/ranks threads (torch.distributed)")
-    parser.add_argument("--ranks", type=int, default=2, help="with --distributed: ranks of the W-rank side (default 2)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="with --distributed: threads shared by each side (default: this process's)")
-    parser.add_argument("--steps", type=int, default=3,
-                        help="with --distributed: timed training steps after one warm-up (median)")
-    parser.add_argument("--distributed-side", default=None, metavar="OUT", help=argparse.SUPPRESS)
-
-
-def run_side(args, log) -> dict | None:
-    """This process's part in one side (under torchrun or alone); rank 0 writes/prints the result."""
-    result = worker(args)
+def run_side(opts: DistributedOptions, log, out: Path | None = None) -> dict | None:
+    """This process's part in one side (under torchrun or alone); rank 0 writes the result to
+    `out` (atomically: the launcher reads a file that exists as complete), or prints it."""
+    result = worker(opts)
     if result is None:
         return None
-    if args.distributed_side:  # atomically: the launcher reads a file that exists as complete
-        atomic_write_text(Path(args.distributed_side), json.dumps(result))
+    if out is not None:
+        atomic_write_text(out, json.dumps(result))
     else:
         for part in ("train_step", "evaluation"):
             r = result[part]

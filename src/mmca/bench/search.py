@@ -1,17 +1,17 @@
-"""Search latency and load: `python benchmarks/search.py` (or `python -m mmca.search.benchmark`).
+"""`mmca bench --search`: search latency and load over a dataset's gallery, and its growth.
 
-1. text->image over the Flickr8k dev gallery (1,000 images): per-query latency p50/p99 of
-   `Searcher.search_text` (text encoder + i0·c0 + the engine's exact pruned top-k), with a
+1. text->image over the split's gallery (Flickr8k dev: 1,000 images): per-query latency p50/p99
+   of `Searcher.search_text` (text encoder + i0·c0 + the engine's exact pruned top-k), with a
    random-weight MMCA(ModelConfig()) and with a trained checkpoint when one exists;
-2. load: 8 concurrent HTTP clients for 30 s against the real uvicorn server on loopback;
-3. growth with gallery size: synthetic galleries (real dev features of randomly mixed images)
+2. load: 8 concurrent HTTP clients against the real uvicorn server on loopback (the serve extra);
+3. growth with gallery size: synthetic galleries (real features of randomly mixed images)
    of 10K and more images, memory-mapped (the index's large-gallery path).
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
+import http.client
 import json
 import socket
 import threading
@@ -20,6 +20,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from mmca.bench.options import SearchOptions
+from mmca.checkpoint import load_model_and_spec, read_checkpoint, save_checkpoint
+from mmca.config import ModelConfig
+from mmca.data.spec import FeatureSpec
+from mmca.engine import ScoringEngine
+from mmca.errors import CheckpointError
+from mmca.extras import require_extra
+from mmca.features import ImageBackbone, TextEncoder, open_dataset
+from mmca.folders import mark, require_writable
+from mmca.model import MMCA
+from mmca.search import Searcher, build_from_dataset
+from mmca.search.index import GalleryIndex, IndexWriter, checkpoint_identity, text_encoder_identity
 
 QUERIES = [
     "a dog runs on the beach", "two children play in a fountain", "a man rides a bike down a hill",
@@ -49,12 +62,12 @@ def latency(searcher, n: int, k: int = 10) -> dict:
 
 
 def load_test(searcher, clients: int = 8, seconds: float = 30.0) -> dict:
-    import http.client
-
+    """Requests/s and latency of `clients` concurrent HTTP clients against the real server."""
+    require_extra("serve", "the search benchmark's load test")
+    # imported here, not at the top: the server and uvicorn are the serve extra, the rest is not
     import uvicorn
 
     from mmca.search.server import create_app
-
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -102,11 +115,6 @@ def load_test(searcher, clients: int = 8, seconds: float = 30.0) -> dict:
 
 def synthetic_index(out: Path, ckpt: Path, features: np.ndarray, n: int, seed: int = 0) -> Path:
     """n synthetic images: each the region-wise mean of two random real images plus noise."""
-    from mmca.checkpoint import load_model_and_spec
-    from mmca.engine import ScoringEngine
-    from mmca.errors import CheckpointError
-    from mmca.search.index import GalleryIndex, IndexWriter, checkpoint_identity
-
     if (out / "index.sqlite").exists() and GalleryIndex(out).num_images == n:
         return out
     model, spec, _ = load_model_and_spec(ckpt)
@@ -131,66 +139,49 @@ def synthetic_index(out: Path, ckpt: Path, features: np.ndarray, n: int, seed: i
 
 
 def _encoder_identity():
-    from mmca.features import TextEncoder
-    from mmca.search.index import text_encoder_identity
     return text_encoder_identity(TextEncoder().describe())
 
 
-def main(argv=None) -> int:
-    from mmca.checkpoint import read_checkpoint, save_checkpoint
-    from mmca.config import ModelConfig
-    from mmca.features import open_dataset
-    from mmca.model import MMCA
-    from mmca.search import Searcher, build_from_dataset
+def random_checkpoint(work: Path) -> Path:
+    """A random-weight model of the default size and features, saved once under `work`."""
+    path = work / "random-d256.pt"
+    if not path.exists() or "feature_spec" not in read_checkpoint(path):  # absent, or from before specs
+        torch.manual_seed(0)
+        save_checkpoint(path, MMCA(ModelConfig()), FeatureSpec.from_extractors(ImageBackbone(), TextEncoder()))
+    return path
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="/work/shared/data/flickr8k")
-    p.add_argument("--work", type=Path, default=Path("runs/bench-search"))
-    p.add_argument("--queries", type=int, default=200)
-    p.add_argument("--load-seconds", type=float, default=30.0)
-    p.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
-    p.add_argument("--out", type=Path, default=Path("runs/bench-search/results.json"))
-    p.add_argument("--models", nargs="+", choices=("random", "trained"), default=["random", "trained"],
-                   help="which models to measure (random weights prune nothing: slow on big galleries)")
-    p.add_argument("--checkpoint", type=Path,
-                   help="the trained model (default: runs/sample/mmca/best.pt, else the first runs/*/best.pt)")
-    args = p.parse_args(argv)
-    args.work.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    rand = args.work / "random-d256.pt"
-    if not rand.exists() or "feature_spec" not in read_checkpoint(rand):  # absent, or from before specs
-        from mmca.features import ImageBackbone, TextEncoder
-        from mmca.data.spec import FeatureSpec
-        save_checkpoint(rand, MMCA(ModelConfig()), FeatureSpec.from_extractors(ImageBackbone(), TextEncoder()))
-    ckpts = {"random": rand}
-    trained = ([str(args.checkpoint)] if args.checkpoint else
+
+def checkpoints(opts: SearchOptions, work: Path) -> dict[str, Path]:
+    """The models to measure: random weights, and the trained model given or found under runs/."""
+    found = {"random": random_checkpoint(work)}
+    trained = ([str(opts.checkpoint)] if opts.checkpoint else
                sorted(glob.glob("runs/sample/mmca/best.pt")) or sorted(glob.glob("runs/*/best.pt")))
     if trained:
-        ckpts["trained"] = Path(trained[0])
-    ckpts = {k: v for k, v in ckpts.items() if k in args.models}
+        found["trained"] = Path(trained[0])
+    return {k: v for k, v in found.items() if k in opts.models}
+
+
+def run(opts: SearchOptions, log) -> dict:
+    """Latency and load on the split's gallery, then latency on each synthetic size, per model."""
+    work = require_writable(opts.work, "bench", inputs=(opts.dataset,), flag="--work")
+    mark(work, "bench")
+    ckpts = checkpoints(opts, work)
     results = {"torch_threads": torch.get_num_threads(), "checkpoints": {k: str(v) for k, v in ckpts.items()}}
     for name, ck in ckpts.items():
-        idx = args.work / f"dev-{name}"
+        idx = work / f"{opts.split}-{name}"
         if not (idx / "index.sqlite").exists():
-            build_from_dataset(idx, ck, args.data, "dev", progress=False)
+            build_from_dataset(idx, ck, opts.dataset, opts.split, progress=False)
         s = Searcher(idx)
-        results[f"dev1k_{name}"] = latency(s, args.queries)
-        print(name, results[f"dev1k_{name}"], flush=True)
-        if name == "random" or name == "trained":
-            results[f"load_{name}"] = load_test(s, 8, args.load_seconds)
-            print("load", name, results[f"load_{name}"], flush=True)
-    feats = np.asarray(open_dataset(args.data, "dev", progress=False).image_features)
-    for n in args.sizes:
+        results[f"dev1k_{name}"] = latency(s, opts.queries)
+        log(f"{name} {results[f'dev1k_{name}']}")
+        results[f"load_{name}"] = load_test(s, 8, opts.load_seconds)
+        log(f"load {name} {results[f'load_{name}']}")
+    feats = np.asarray(open_dataset(opts.dataset, opts.split, progress=False).image_features)
+    for n in opts.sizes:
         for name, ck in ckpts.items():
-            idx = synthetic_index(args.work / f"syn{n}-{name}", ck, feats, n)
+            idx = synthetic_index(work / f"syn{n}-{name}", ck, feats, n)
             s = Searcher(idx, resident=False)
-            results[f"syn{n}_{name}"] = latency(s, max(20, args.queries // 4))
-            print(n, name, results[f"syn{n}_{name}"], flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+            results[f"syn{n}_{name}"] = latency(s, max(20, opts.queries // 4))
+            log(f"{n} {name} {results[f'syn{n}_{name}']}")
+    log(json.dumps(results, indent=2))
+    return results

@@ -8,6 +8,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from mmca.bench import distributed
+from mmca.bench.options import DistributedOptions, Workload
+from mmca.errors import MmcaError
+
 TOY = ["--hidden", "32", "--heads", "4", "--batch", "8", "--rank-images", "12", "--steps", "1", "--img-dim", "8",
        "--regions", "4", "--txt-dim", "12", "--device", "cpu"]
 
@@ -43,28 +49,21 @@ def test_distributed_bench_refuses_ranks_that_cannot_share_the_threads():
 
 def test_a_side_that_fails_after_writing_its_results_keeps_them(tmp_path, monkeypatch):
     """A rank that aborts while leaving the process group (after rank 0 wrote every rank's
-    figures) costs a warning, not the measurement; a side that wrote nothing is an error."""
-    import argparse
-
-    import pytest
-
-    from mmca.engine import dist_benchmark
-    from mmca.errors import MmcaError
-
+    figures) costs a warning, not the measurement; a side that wrote nothing is an error. The
+    launcher is replaced by a stand-in: a rank aborting at teardown cannot be provoked on demand."""
     out = tmp_path / "side.json"
-    args = argparse.Namespace(device="cpu", d=32, heads=4, regions=4, img_dim=8, txt_dim=12, batch=8, steps=1,
-                              rank_images=12, split=None, checkpoint=None, dataset=None, dist_timeout=None,
-                              dist_backend=None)
+    opts = DistributedOptions(work=Workload(d=32, heads=4, regions=4, img_dim=8, txt_dim=12, batch=8, rank_images=12),
+                              steps=1)
 
     def aborted_after_writing(argv, **kw):
         out.write_text(json.dumps({"ranks": 2}))
         return subprocess.CompletedProcess(argv, -6, "", "terminate called without an active exception")
 
-    monkeypatch.setattr(dist_benchmark.subprocess, "run", aborted_after_writing)
+    monkeypatch.setattr(distributed.subprocess, "run", aborted_after_writing)
     with pytest.warns(UserWarning, match="after writing its results"):
-        assert dist_benchmark._side(args, 2, 2, str(out)) == {"ranks": 2}
+        assert distributed._side(opts, 2, 2, str(out)) == {"ranks": 2}
     out.unlink()
-    monkeypatch.setattr(dist_benchmark.subprocess, "run",
+    monkeypatch.setattr(distributed.subprocess, "run",
                         lambda argv, **kw: subprocess.CompletedProcess(argv, 1, "", "boom"))
     with pytest.raises(MmcaError, match="2-process side of the benchmark failed"):
-        dist_benchmark._side(args, 2, 2, str(out))
+        distributed._side(opts, 2, 2, str(out))

@@ -4,7 +4,7 @@ import json
 
 from mmca.cli import main
 from mmca.engine.bank import bucket_length
-from mmca.engine.benchmark import RandomTokens
+from mmca.bench.inputs import RandomTokens
 from mmca.engine.pairs import pair_flops
 
 
@@ -19,3 +19,8 @@ def test_bench_reports_the_roof_and_counts_flops_at_the_bucket_lengths(tmp_path,
     assert abs(roof["fp32_pair_mflop"] - want / 1e6) < 1e-9
     assert roof["fp32_roof_gflops"] > 0 and 0 < roof["fp32_roof_fraction"]
     assert roof["cpu_capability"] and "% of the roof" in capsys.readouterr().out
+
+
+def test_bench_search_needs_a_gallery(capsys):
+    assert main(["bench", "--search"]) == 2
+    assert "--search needs the gallery to search: --dataset ROOT" in capsys.readouterr().err
