@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING
 
 from mmca.config import ModelConfig, TrainConfig
 from mmca.errors import MmcaError
+from mmca.version import __version__
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` imports them on use
     from mmca.api import Hit, ImageGallery, Retriever, TextGallery, load, open_index
-
-__version__ = "0.1.0"
 
 _API = ("Hit", "ImageGallery", "Retriever", "TextGallery", "load", "open_index")
 

@@ -3,6 +3,7 @@ model directories (`mmca export`: config.json + model.safetensors), read without
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +145,28 @@ def load_model_and_spec(path: str | Path, device: str | torch.device = "cpu"
     """`load_model` plus the checkpoint's feature spec (refusing checkpoints that lack one)."""
     model, payload = load_model(path, device)
     return model, checkpoint_spec(payload, path), payload
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_identity(path: str | Path) -> dict[str, Any]:
+    """Where the model is and the sha256 of its contents (a model directory: of its two files)."""
+    path = Path(path).resolve()
+    if is_model_dir(path):
+        missing = [name for name in MODEL_DIR_FILES if not (path / name).is_file()]
+        if missing:
+            raise CheckpointError(f"model directory {path} lacks {', '.join(missing)}",
+                                  "export it again with `mmca export CHECKPOINT DIR`")
+        parts = "".join(file_sha256(path / name) for name in MODEL_DIR_FILES)
+        return {"path": str(path), "sha256": hashlib.sha256(parts.encode()).hexdigest()}
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}",
+                              "pass --checkpoint with a checkpoint written by `mmca train` or a model "
+                              "directory written by `mmca export`")
+    return {"path": str(path), "sha256": file_sha256(path)}

@@ -16,14 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmca import __version__
 from mmca.data.dataset import RetrievalDataset
 from mmca.dist import Shard
+from mmca.engine import ScoringEngine
+from mmca.engine.precision import resolve_precision
 from mmca.errors import CheckpointError, DataError
 from mmca.data.spec import FeatureSpec
 from mmca.atomic import atomic_write_text
 from mmca.metrics import TIES, Metrics, average_folds, retrieval_metrics
 from mmca.model import MMCA
+from mmca.version import __version__
 
 MODES = ("exact", "exhaustive", "shortlist")
 DEFAULT_MAX_RANK = 10  # ranks exact below this: R@1/5/10 and a median below 10 are exact
@@ -168,9 +170,6 @@ def evaluate(
     shard: this rank's share of the queries under torch.distributed (`mmca.dist`); every rank
     returns the single-process metrics, bit for bit.
     """
-    from mmca.engine import ScoringEngine
-    from mmca.engine.precision import resolve_precision
-
     if isinstance(protocol, str):
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")

@@ -21,20 +21,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mmca.checkpoint import MODEL_DIR_FORMAT, checkpoint_spec, is_model_dir
+from mmca.checkpoint import MODEL_DIR_FORMAT, checkpoint_identity, checkpoint_spec, is_model_dir, load_model
+from mmca.engine.guards import require_finite_weights
 from mmca.errors import MmcaError
 from mmca.metrics import DIRECTIONS, RECALL_AT
+from mmca.version import __version__
 
 
 def export_model_dir(checkpoint: str | Path, out: str | Path, command: str | None = None) -> Path:
     """Write the model of `checkpoint` (a .pt file or another model directory) to `out`, which
     must not exist yet. The model is loaded and checked first (shapes, finite weights), so an
     export is always loadable. `command`: how the model was made, for the model card."""
-    from mmca import __version__
-    from mmca.checkpoint import load_model
-    from mmca.engine.guards import require_finite_weights
-    from mmca.search.index import checkpoint_identity
-
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() or out.is_symlink():
         raise MmcaError(f"{out} already exists", "choose a new directory for the export (nothing was overwritten)")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mmca.bench.options import SearchOptions
-from mmca.checkpoint import load_model_and_spec, read_checkpoint, save_checkpoint
+from mmca.checkpoint import checkpoint_identity, load_model_and_spec, read_checkpoint, save_checkpoint
 from mmca.config import ModelConfig
 from mmca.data.spec import FeatureSpec
 from mmca.engine import ScoringEngine
@@ -32,7 +32,7 @@ from mmca.features import ImageBackbone, TextEncoder, open_dataset
 from mmca.folders import mark, require_writable
 from mmca.model import MMCA
 from mmca.search import Searcher, build_from_dataset
-from mmca.search.index import GalleryIndex, IndexWriter, checkpoint_identity, text_encoder_identity
+from mmca.search.index import GalleryIndex, IndexWriter, text_encoder_identity
 
 QUERIES = [
     "a dog runs on the beach", "two children play in a fountain", "a man rides a bike down a hill",

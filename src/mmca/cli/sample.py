@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+from mmca.checkpoint import checkpoint_identity
 from mmca.cli.features import add_feature_arguments, feature_options
 from mmca.config import PRESETS, preset
 from mmca.dist import add_arguments as add_dist_arguments
@@ -107,7 +108,6 @@ def run(args: argparse.Namespace) -> int:
     model_dir = args.out / "model"  # the full model, ready for `mmca.load` / `mmca index`
     best_pt = runs["MMCA"][0] / "best.pt"
     if model_dir.exists():
-        from mmca.search.index import checkpoint_identity
         exported = json.loads((model_dir / "config.json").read_text()).get("source") or {}
         if exported.get("sha256") != checkpoint_identity(best_pt)["sha256"]:
             print(f"mmca sample: note: {model_dir} was exported from an earlier {best_pt}; "

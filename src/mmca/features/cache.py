@@ -16,13 +16,13 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mmca.errors import MmcaError
+from mmca.version import __version__
 
 FORMAT = 1  # bump when the layout of an entry changes: older entries are then rebuilt
 MANIFEST = "manifest.json"
@@ -55,13 +55,6 @@ def files_fingerprint(root: Path, names: Iterable[str], subdir: str) -> str:
         st = (root / subdir / name).stat()
         h.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
-
-
-def mmca_version() -> str:
-    try:
-        return version("mmca")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def dataset_dir(cache_dir: Path, root: Path) -> Path:
@@ -149,7 +142,7 @@ def build_entry(entry: Path, manifest: dict[str, Any]) -> Iterator[Path]:
         arrays = {p.name: np.load(p, mmap_mode="r") for p in sorted(tmp.glob("*.npy"))}
         manifest.update(
             format=FORMAT,
-            mmca_version=mmca_version(),
+            mmca_version=__version__,
             created=datetime.now(timezone.utc).isoformat(),
             arrays={name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in arrays.items()},
         )

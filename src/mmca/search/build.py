@@ -11,12 +11,13 @@ import numpy as np
 
 from mmca.checkpoint import load_model, load_model_and_spec
 from mmca.data.dataset import TokenFeatures
+from mmca.checkpoint import checkpoint_identity
 from mmca.engine import ScoringEngine
 from mmca.errors import CheckpointError, DataError, MmcaError
 from mmca.data.spec import FeatureSpec
 from mmca.features.options import extraction_options, image_backbone
-from mmca.search.index import (STORAGE, GalleryIndex, IndexWriter, backbone_identity, checkpoint_identity,
-                               index_backbone, list_images, text_encoder_identity)
+from mmca.search.index import (STORAGE, GalleryIndex, IndexWriter, backbone_identity, index_backbone, list_images,
+                               text_encoder_identity)
 
 
 def _check_dims(model, img_dim: int, txt_dim: int, ckpt: Path) -> None:

@@ -21,7 +21,6 @@ committed row names is never read (and is removed by the next writer).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -55,33 +54,6 @@ CREATE TABLE images (id INTEGER PRIMARY KEY, shard INTEGER NOT NULL REFERENCES s
 CREATE TABLE captions (id INTEGER PRIMARY KEY, shard INTEGER NOT NULL REFERENCES shards(id),
                        row INTEGER NOT NULL, text TEXT NOT NULL, image INTEGER REFERENCES images(id));
 """
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def checkpoint_identity(path: str | Path) -> dict[str, Any]:
-    """Where the model is and the sha256 of its contents (a model directory: of its two files)."""
-    from mmca.checkpoint import MODEL_DIR_FILES, is_model_dir
-
-    path = Path(path).resolve()
-    if is_model_dir(path):
-        missing = [name for name in MODEL_DIR_FILES if not (path / name).is_file()]
-        if missing:
-            raise CheckpointError(f"model directory {path} lacks {', '.join(missing)}",
-                                  "export it again with `mmca export CHECKPOINT DIR`")
-        parts = "".join(file_sha256(path / name) for name in MODEL_DIR_FILES)
-        return {"path": str(path), "sha256": hashlib.sha256(parts.encode()).hexdigest()}
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}",
-                              "pass --checkpoint with a checkpoint written by `mmca train` or a model "
-                              "directory written by `mmca export`")
-    return {"path": str(path), "sha256": file_sha256(path)}
 
 
 def text_encoder_identity(describe: dict[str, Any]) -> dict[str, Any]:
