@@ -104,7 +104,7 @@ def test_images_are_checked_by_content_and_size_everywhere(tmp_path):
 
     from mmca.errors import DataError
     from mmca.features.backbone import load_image
-    from mmca.search.build import require_images
+    from mmca.features.images import require_images
 
     fake = tmp_path / "photo.jpg"
     fake.write_text("<html><script>alert(1)</script></html>")

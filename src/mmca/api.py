@@ -31,7 +31,9 @@ from mmca.data.spec import ARRAYS, PRECOMP, FeatureSpec
 from mmca.engine import ImageBank, ScoringEngine, TextBank
 from mmca.engine.precision import CHOICES, resolve_precision
 from mmca.engine.guards import full_fp32
+from mmca.engine.heatmap import token_heatmap
 from mmca.errors import ConfigError, DataError, MmcaError
+from mmca.features.images import list_images, require_images
 from mmca.features.options import extraction_options
 
 if TYPE_CHECKING:
@@ -155,7 +157,6 @@ class Retriever:
         photos: list[Any] = []
         for item in items:
             if isinstance(item, (str, Path)) and Path(item).is_dir():
-                from mmca.search.index import list_images
                 found = list_images(Path(item))
                 photos += found
                 paths += found
@@ -187,8 +188,6 @@ class Retriever:
 
     def _extract(self, photos: list[Any], batch_size: int, progress: bool) -> torch.Tensor:
         """Region features of photos, as `mmca index` computes them (same decoding and resizing)."""
-        from mmca.search.build import require_images
-
         backbone = self.backbone
         files = [p for p in photos if isinstance(p, Path)]
         require_images(files)  # by content, before any feature is computed
@@ -291,8 +290,6 @@ class Retriever:
         each token over the image's regions (averaged over heads) -> tokens, weights
         (tokens x regions; a row's remaining mass goes to the sentence's own tokens),
         region_mass (per token), the grid side, and the pair's score."""
-        from mmca.search.query import token_heatmap
-
         self._require_own(images, ImageGallery)
         index = _integer(index, "index")
         if not 0 <= index < len(images):

@@ -167,7 +167,7 @@ def test_crafted_checkpoints_cannot_exhaust_memory(tmp_path):
 
 def test_file_names_that_are_not_text_are_refused_before_any_work(tmp_path):
     from mmca.errors import DataError
-    from mmca.search.index import list_images
+    from mmca.features.images import list_images
 
     name = b"\xff.jpg".decode("utf-8", "surrogateescape")
     Image.new("RGB", (20, 20)).save(tmp_path / name, "JPEG")

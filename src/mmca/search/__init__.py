@@ -3,7 +3,8 @@ sentence or by image through the engine, and a small web server with its static 
 
 from mmca.search.build import add_to_index, build_from_dataset, build_from_folder
 from mmca.search.index import GalleryIndex
-from mmca.search.query import QueryError, Searcher, cross_token_region_attention, decode_image
+from mmca.engine.heatmap import cross_token_region_attention
+from mmca.search.query import QueryError, Searcher, decode_image
 
 __all__ = [
     "GalleryIndex",

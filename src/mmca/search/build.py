@@ -16,7 +16,8 @@ from mmca.engine import ScoringEngine
 from mmca.errors import CheckpointError, DataError, MmcaError
 from mmca.data.spec import FeatureSpec
 from mmca.features.options import extraction_options, image_backbone
-from mmca.search.index import (STORAGE, GalleryIndex, IndexWriter, backbone_identity, index_backbone, list_images,
+from mmca.features.images import list_images, require_images
+from mmca.search.index import (STORAGE, GalleryIndex, IndexWriter, backbone_identity, index_backbone,
                                text_encoder_identity)
 
 
@@ -78,28 +79,6 @@ def _read_captions(path: Path | None, names: Sequence[str]) -> tuple[list[str], 
         warnings.warn(f"{path}: {len(unknown)} caption(s) name {len(set(unknown))} file(s) that are not in "
                       f"the gallery (e.g. {unknown[0]!r}); they were skipped", stacklevel=2)
     return texts, images
-
-
-def require_images(paths: Sequence[Path]) -> None:
-    """Every file must be an image by its content (not its name), of a size the backbone can
-    use: checked from the headers before any feature is computed."""
-    from PIL import Image
-
-    from mmca.features.backbone import MIN_SIDE
-    from mmca.search.query import IMAGE_FORMATS
-
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                fmt, size = im.format, im.size
-        except (OSError, ValueError, Image.DecompressionBombError):
-            fmt, size = None, (0, 0)
-        if fmt not in IMAGE_FORMATS:
-            raise DataError(f"{path} is not an image ({', '.join(IMAGE_FORMATS)} expected, by content)",
-                            "pass image files only")
-        if min(size) < MIN_SIDE:
-            raise DataError(f"{path} is {size[0]}x{size[1]} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed",
-                            "pass real photos")
 
 
 def _encode_captions(encoder, texts: list[str], progress: bool) -> TokenFeatures | None:

@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from mmca.checkpoint import checkpoint_identity
 from mmca.errors import CheckpointError, DataError, MmcaError
 
 FORMAT = "mmca-index-v1"
@@ -42,7 +43,6 @@ DB = "index.sqlite"
 IMAGE_FIELDS = ("r", "i0", "q", "k", "v", "m", "l", "o")
 # fields stored in the chosen storage dtype; the others always float32 (norms, softmax stats)
 LOWP_FIELDS = ("r", "q", "k", "v", "o")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 STORAGE = {"fp16": np.float16, "fp32": np.float32}
 
 _SCHEMA = """
@@ -78,23 +78,6 @@ def index_backbone(recorded: dict[str, Any], where: Path):
         raise CheckpointError(f"the installed {backbone.name} backbone differs from the one index {where} was built with",
                               "reinstall the weights the index was built with, or rebuild the index")
     return backbone
-
-
-def list_images(folder: Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"image folder not found: {folder}", "pass a folder that holds .jpg/.png images")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    for p in paths:
-        try:
-            p.name.encode("utf-8")
-        except UnicodeEncodeError:
-            raise DataError(f"{folder}: a file name is not valid UTF-8 ({p.name.encode('utf-8', 'surrogateescape')!r})",
-                            "rename the file (the index stores names as text)") from None
-    if not paths:
-        raise DataError(f"no images (*{', *'.join(IMAGE_SUFFIXES)}) in {folder}",
-                        "pass a folder that holds image files")
-    return paths
 
 
 @dataclass
