@@ -32,7 +32,9 @@ def test_index_layout(index_dir, checkpoint):
         meta = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
     assert {"meta", "shards", "images", "captions"} <= tables
     assert meta["checkpoint"]["sha256"] == idx.check_checkpoint(checkpoint)["sha256"]
-    assert meta["backbone"]["grid"] == 6 and meta["text_encoder"]["dim"] == 384
+    spec = idx.spec  # with the checkpoint's identity, what identifies the index
+    assert spec.image.grid == 6 and spec.text.dim == 384 and meta["feature_spec"] == spec.to_dict()
+    assert "backbone" not in meta and "text_encoder" not in meta
     shard = idx.image_shards[0].arrays
     assert set(shard) == set(IMAGE_FIELDS)
     assert shard["r"].dtype == np.float16 and shard["i0"].dtype == np.float32
@@ -245,8 +247,8 @@ def test_an_index_of_another_backbone_searches_with_it(gallery, lite_checkpoint,
     lines = tmp_path / "captions.txt"
     lines.write_text("a dog runs on the grass\ntwo children play in the water\na man rides a bike\n")
     idx = build_from_folder(tmp_path / "index", ckpt, photos, lines, progress=False)
-    recorded = idx.meta["backbone"]
-    assert (recorded["name"], recorded["image_size"], recorded["grid"]) == ("efficientnet_lite2", 260, 6)
+    recorded = idx.spec.image
+    assert (recorded.source, recorded.image_size, recorded.grid) == ("efficientnet_lite2", 260, 6)
     searcher = Searcher(tmp_path / "index")
     assert searcher.backbone.name == "efficientnet_lite2" and searcher.backbone.image_size == 260
     first = sorted(photos.glob("*.jpg"))[0]
@@ -254,3 +256,18 @@ def test_an_index_of_another_backbone_searches_with_it(gallery, lite_checkpoint,
     assert len(hits) == 3  # the three captions, scored with the photo's 260 px EfficientNet regions
     with pytest.raises(CheckpointError, match="--backbone mobilenet_v2"):
         build_from_folder(tmp_path / "index2", ckpt, photos, progress=False, backbone="mobilenet_v2")
+
+
+def test_an_index_is_read_by_its_spec_and_one_without_a_spec_is_refused(index_dir, tmp_path):
+    """Indexes written with loose backbone/text-encoder entries beside the spec still open (the
+    entries are ignored); an index that records no spec is refused, naming the fix."""
+    old = tmp_path / "old"
+    shutil.copytree(index_dir, old)
+    with sqlite3.connect(old / "index.sqlite") as con:
+        con.execute("INSERT INTO meta (key, value) VALUES ('backbone', ?), ('text_encoder', ?)",
+                    (json.dumps({"name": "something else"}), json.dumps({"dim": 1})))
+    assert Searcher(old).search_text("a dog", 3)[0]
+    with sqlite3.connect(old / "index.sqlite") as con:
+        con.execute("DELETE FROM meta WHERE key = 'feature_spec'")
+    with pytest.raises(CheckpointError, match="records no feature spec"):
+        Searcher(old)

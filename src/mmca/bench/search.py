@@ -32,7 +32,7 @@ from mmca.features import ImageBackbone, TextEncoder, open_dataset
 from mmca.folders import mark, require_writable
 from mmca.model import MMCA
 from mmca.search import Searcher, build_from_dataset
-from mmca.search.index import GalleryIndex, IndexWriter, text_encoder_identity
+from mmca.search.index import GalleryIndex, IndexWriter
 
 QUERIES = [
     "a dog runs on the beach", "two children play in a fountain", "a man rides a bike down a hill",
@@ -125,7 +125,7 @@ def synthetic_index(out: Path, ckpt: Path, features: np.ndarray, n: int, seed: i
     engine = ScoringEngine(model, "cpu")
     rng = np.random.default_rng(seed)
     meta = {"checkpoint": checkpoint_identity(ckpt), "model_config": model.config.to_dict(),
-            "backbone": None, "text_encoder": _encoder_identity(), "text_encoder_dir": None,
+            "feature_spec": spec.to_dict(),
             "storage": "fp16", "source": {"kind": "synthetic", "n": n}, "created": time.time()}
     with IndexWriter(out, meta, overwrite=True) as w:
         for s in range(0, n, 5000):
@@ -136,10 +136,6 @@ def synthetic_index(out: Path, ckpt: Path, features: np.ndarray, n: int, seed: i
             bank = engine.image_bank(torch.from_numpy(x))
             w.add_images(bank, [f"syn-{s + i}" for i in range(b)], [None] * b)
     return out
-
-
-def _encoder_identity():
-    return text_encoder_identity(TextEncoder().describe())
 
 
 def random_checkpoint(work: Path) -> Path:

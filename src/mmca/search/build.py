@@ -17,8 +17,7 @@ from mmca.errors import CheckpointError, DataError, MmcaError
 from mmca.data.spec import FeatureSpec
 from mmca.features.options import extraction_options, image_backbone
 from mmca.features.images import list_images, require_images
-from mmca.search.index import (STORAGE, GalleryIndex, IndexWriter, backbone_identity, index_backbone,
-                               text_encoder_identity)
+from mmca.search.index import STORAGE, GalleryIndex, IndexWriter
 
 
 def _check_dims(model, img_dim: int, txt_dim: int, ckpt: Path) -> None:
@@ -30,17 +29,14 @@ def _check_dims(model, img_dim: int, txt_dim: int, ckpt: Path) -> None:
             "use the checkpoint trained on these features (same backbone and text encoder)")
 
 
-def _meta(ckpt: Path, model, spec: FeatureSpec, backbone, encoder, storage: str,
-          source: dict[str, Any]) -> dict[str, Any]:
+def _meta(ckpt: Path, model, spec: FeatureSpec, storage: str, source: dict[str, Any]) -> dict[str, Any]:
+    """An index's metadata: the model's identity and the features' spec identify it."""
     if storage not in STORAGE:
         raise MmcaError(f"storage must be one of {sorted(STORAGE)}, not {storage!r}")
     return {
         "checkpoint": checkpoint_identity(ckpt),
         "model_config": model.config.to_dict(),
         "feature_spec": spec.to_dict(),
-        "backbone": backbone_identity(backbone.describe()) if backbone is not None else None,
-        "text_encoder": text_encoder_identity(encoder.describe()),
-        "text_encoder_dir": str(encoder.model_dir),
         "storage": storage,
         "source": source,
         "created": time.time(),
@@ -95,7 +91,7 @@ def build_from_dataset(out: str | Path, checkpoint: str | Path, root: str | Path
     adopts the checkpoint's;
     a value that contradicts it is refused). `limit`: the first `limit` images and their
     captions only."""
-    from mmca.features import TextEncoder, prepare_split
+    from mmca.features import prepare_split
 
     ckpt = Path(checkpoint)
     model, spec, _ = load_model_and_spec(ckpt)
@@ -103,13 +99,11 @@ def build_from_dataset(out: str | Path, checkpoint: str | Path, root: str | Path
     prepared = prepare_split(root, split, progress=progress, **opts)
     ds = prepared.dataset
     spec.require_match(ds.spec, f"checkpoint {ckpt}", f"{root}, split {split}")
-    encoder = TextEncoder(opts["text_encoder"], opts["max_tokens"])
-    extractor = image_backbone(opts) if ds.image_paths is not None else None
     _check_dims(model, ds.image_features.shape[2], ds.token_features.dim, ckpt)
     n = ds.num_images if limit is None else min(int(limit), ds.num_images)
     cap = np.nonzero(ds.caption_image < n)[0]
     engine = ScoringEngine(model, "cpu")
-    meta = _meta(ckpt, model, ds.spec, extractor, encoder, storage,
+    meta = _meta(ckpt, model, ds.spec, storage,
                  {"kind": "dataset", "root": str(Path(root).resolve()), "split": split, "limit": limit})
     meta["gallery_roots"] = [str(Path(root).resolve())]
     bank = engine.image_bank(np.array(ds.image_features[:n], dtype=np.float32))
@@ -161,7 +155,7 @@ def build_from_folder(out: str | Path, checkpoint: str | Path, folder: str | Pat
     spec.require_match(found, f"checkpoint {ckpt}", f"the backbone and text encoder for {folder}")
     _check_dims(model, extractor.dim, encoder.dim, ckpt)
     engine = ScoringEngine(model, "cpu")
-    meta = _meta(ckpt, model, found, extractor, encoder, storage, {"kind": "folder", "root": str(folder)})
+    meta = _meta(ckpt, model, found, storage, {"kind": "folder", "root": str(folder)})
     meta["gallery_roots"] = [str(folder)]
     bank = engine.image_bank(_extract(extractor, paths, progress))
     names = [p.name for p in paths]
@@ -182,16 +176,12 @@ def add_to_index(index: str | Path, images: Sequence[str | Path], checkpoint: st
 
     idx = GalleryIndex(index)
     ckpt = idx.resolve_checkpoint(checkpoint)
-    meta = idx.meta
-    if meta.get("backbone") is None:
+    if not idx.has_photos:
         raise DataError(f"index {idx.path} holds precomputed (precomp) features; images cannot be added to it",
                         "build a separate index of your image folder")
     model, _ = load_model(ckpt)
-    backbone = index_backbone(meta["backbone"], idx.path)
-    encoder = TextEncoder(meta.get("text_encoder_dir"), int(meta["text_encoder"]["max_tokens"]))
-    if text_encoder_identity(encoder.describe()) != meta["text_encoder"]:
-        raise CheckpointError(f"the text encoder differs from the one index {idx.path} was built with",
-                              "use the same text encoder, or rebuild the index")
+    opts = idx.extraction_options()
+    backbone, encoder = image_backbone(opts), TextEncoder(opts["text_encoder"], opts["max_tokens"])
     paths: list[Path] = []
     roots: list[Path] = []
     for p in images:

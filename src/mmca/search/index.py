@@ -36,7 +36,9 @@ import numpy as np
 import torch
 
 from mmca.checkpoint import checkpoint_identity
+from mmca.data.spec import ARRAYS, PRECOMP, FeatureSpec
 from mmca.errors import CheckpointError, DataError, MmcaError
+from mmca.features.options import extraction_options
 
 FORMAT = "mmca-index-v1"
 DB = "index.sqlite"
@@ -54,30 +56,6 @@ CREATE TABLE images (id INTEGER PRIMARY KEY, shard INTEGER NOT NULL REFERENCES s
 CREATE TABLE captions (id INTEGER PRIMARY KEY, shard INTEGER NOT NULL REFERENCES shards(id),
                        row INTEGER NOT NULL, text TEXT NOT NULL, image INTEGER REFERENCES images(id));
 """
-
-
-def text_encoder_identity(describe: dict[str, Any]) -> dict[str, Any]:
-    """The parts of TextEncoder.describe() that decide the token states (not its location)."""
-    return {k: describe[k] for k in ("model_type", "config_sha256", "dim", "max_tokens") if k in describe}
-
-
-def backbone_identity(describe: dict[str, Any] | None) -> dict[str, Any] | None:
-    if describe is None:
-        return None
-    return {k: describe[k] for k in ("name", "weights_sha256", "grid", "image_size", "dim") if k in describe}
-
-
-def index_backbone(recorded: dict[str, Any], where: Path):
-    """The image backbone an index was built with, rebuilt from its metadata; refused when the
-    installed one would compute other features (other weights, say)."""
-    from mmca.features.backbone import DEFAULT_BACKBONE, ImageBackbone
-
-    backbone = ImageBackbone(int(recorded["grid"]), str(recorded.get("name", DEFAULT_BACKBONE)),
-                             recorded.get("image_size"))
-    if backbone_identity(backbone.describe()) != recorded:
-        raise CheckpointError(f"the installed {backbone.name} backbone differs from the one index {where} was built with",
-                              "reinstall the weights the index was built with, or rebuild the index")
-    return backbone
 
 
 @dataclass
@@ -200,6 +178,27 @@ class GalleryIndex:
                 "`mmca index ... --checkpoint` for this one")
         return ident
 
+    @property
+    def spec(self) -> FeatureSpec:
+        """The features the index holds: with the checkpoint's identity, what identifies it.
+        (Indexes that also record loose backbone and text-encoder entries are read by their spec.)"""
+        raw = self.meta.get("feature_spec")
+        if raw is None:
+            raise CheckpointError(f"index {self.path} records no feature spec (an mmca older than feature "
+                                  "specs built it): its features cannot be checked",
+                                  "rebuild it with `mmca index` from the same checkpoint")
+        return FeatureSpec.from_dict(raw)
+
+    @property
+    def has_photos(self) -> bool:
+        """Whether its features come from photos through a backbone (not precomputed ones)."""
+        return self.spec.image.source not in (PRECOMP, ARRAYS)
+
+    def extraction_options(self, text_encoder: str | Path | None = None) -> dict[str, Any]:
+        """The extractors' options that compute the index's features, checked against its spec
+        before any feature is computed (`mmca.features.options`)."""
+        return extraction_options(self.spec, text_encoder=text_encoder)
+
     def resolve_checkpoint(self, path: str | Path | None) -> Path:
         if path is None:
             path = self.checkpoint["path"]
@@ -263,8 +262,7 @@ class GalleryIndex:
             "images": self.num_images,
             "captions": len(self.captions),
             "checkpoint": self.checkpoint,
-            "backbone": self.meta.get("backbone"),
-            "text_encoder": self.meta.get("text_encoder"),
+            "features": self.spec.describe(),
             "storage": self.meta.get("storage"),
             "shards": len(self.image_shards),
             "bytes": self.storage_bytes,

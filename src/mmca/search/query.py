@@ -27,13 +27,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmca.checkpoint import load_model
+from mmca.checkpoint import load_model_and_spec
 from mmca.engine import ImageBank, ScoringEngine
 from mmca.engine.heatmap import token_heatmap
-from mmca.errors import CheckpointError, DataError, MmcaError
+from mmca.errors import DataError, MmcaError
 from mmca.features.backbone import MIN_SIDE, fit_photo
 from mmca.features.images import IMAGE_FORMATS, IMAGE_TYPES
-from mmca.search.index import GalleryIndex, index_backbone, text_encoder_identity
+from mmca.features.options import image_backbone
+from mmca.search.index import GalleryIndex
 
 MAX_QUERY_CHARS = 1000
 MAX_K = 100
@@ -127,13 +128,12 @@ class Searcher:
 
         self.index = index if isinstance(index, GalleryIndex) else GalleryIndex(index)
         self.checkpoint = self.index.resolve_checkpoint(checkpoint)
-        self.model, _ = load_model(self.checkpoint)
+        self.model, trained_on, _ = load_model_and_spec(self.checkpoint)
+        trained_on.require_match(self.index.spec, f"checkpoint {self.checkpoint}", f"index {self.index.path}")
         self.engine = ScoringEngine(self.model, "cpu", "fp32")
         meta = self.index.meta
-        self.encoder = TextEncoder(text_encoder or meta.get("text_encoder_dir"), int(meta["text_encoder"]["max_tokens"]))
-        if text_encoder_identity(self.encoder.describe()) != meta["text_encoder"]:
-            raise CheckpointError(f"the text encoder {self.encoder.model_dir} differs from the one index "
-                                  f"{self.index.path} was built with", "pass the same --text-encoder, or rebuild the index")
+        self.options = self.index.extraction_options(text_encoder)  # the installed encoder checked too
+        self.encoder = TextEncoder(self.options["text_encoder"], self.options["max_tokens"])
         self.i0 = self.index.i0()
         n = self.index.num_images
         fp32_bytes = self.index.storage_bytes * (2 if meta.get("storage") == "fp16" else 1)
@@ -149,11 +149,10 @@ class Searcher:
     @property
     def backbone(self):
         if self._backbone is None:
-            want = self.index.meta.get("backbone")
-            if want is None:
+            if not self.index.has_photos:
                 raise QueryError("this index holds precomputed features: image queries need an index built from images",
                                  status=409)
-            self._backbone = index_backbone(want, self.index.path)
+            self._backbone = image_backbone(self.options)
         return self._backbone
 
     def _encode(self, text: str):
@@ -325,7 +324,7 @@ class Searcher:
             self.heatmap("a photo", 0)
             if self.caption_bank is not None:
                 self.search_gallery_image(0, 1)
-        if self.index.meta.get("backbone") is not None:
+        if self.index.has_photos:
             with self.lock, torch.no_grad():
                 side = self.backbone.image_size
                 self.backbone.extract_grid(torch.full((1, 3, side, side), 128, dtype=torch.uint8))
