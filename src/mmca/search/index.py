@@ -36,6 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from mmca.checkpoint import file_sha256
 from mmca.errors import CheckpointError, DataError, MmcaError
 
 FORMAT = "mmca-index-v1"
@@ -55,14 +56,6 @@ CREATE TABLE images (id INTEGER PRIMARY KEY, shard INTEGER NOT NULL REFERENCES s
 CREATE TABLE captions (id INTEGER PRIMARY KEY, shard INTEGER NOT NULL REFERENCES shards(id),
                        row INTEGER NOT NULL, text TEXT NOT NULL, image INTEGER REFERENCES images(id));
 """
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def checkpoint_identity(path: str | Path) -> dict[str, Any]:
