@@ -160,13 +160,16 @@ class Trainer:
     def _take_folder(self) -> None:
         """Create or mark the run folder, and sweep the temporary files a kill left in it: only
         in a folder that is new, empty or already a run (a user's folder is never swept)."""
-        if not (self.out_dir.exists() and not is_empty_dir(self.out_dir) and kind_of(self.out_dir) != "run"):
-            if not (self.out_dir / MARKER).is_file():
-                mark(self.out_dir, "run")
-            for tmp in stale_temps(self.out_dir, RUN_FILES):
-                tmp.unlink()
-                self.log(f"removed {tmp.name}, left by an interrupted write")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        folder = self.out_dir
+        ours = not folder.exists() or is_empty_dir(folder) or kind_of(folder) == "run"
+        folder.mkdir(parents=True, exist_ok=True)
+        if not ours:
+            return
+        if not (folder / MARKER).is_file():
+            mark(folder, "run")
+        for tmp in stale_temps(folder, RUN_FILES):
+            tmp.unlink()
+            self.log(f"removed {tmp.name}, left by an interrupted write")
 
     def _data_record(self) -> dict[str, dict]:
         return {role: ident.to_dict() for role, ident in self.data.items()}
