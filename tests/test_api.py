@@ -209,10 +209,21 @@ def test_weights_converted_to_fp16_load_as_float32(model_dir, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
+    from safetensors import safe_open
+
+    from mmca.checkpoint import file_sha256
+
     half = tmp_path / "half"
     shutil.copytree(model_dir, half)
+    with safe_open(half / "model.safetensors", framework="pt") as f:
+        header = f.metadata()
     weights = load_file(half / "model.safetensors")
-    save_file({k: v.half() for k, v in weights.items()}, str(half / "model.safetensors"))
+    save_file({k: v.half() for k, v in weights.items()}, str(half / "model.safetensors"), metadata=header)
+    with pytest.raises(CheckpointError, match="weights_sha256 differs"):  # converted: other weights
+        mmca.load(half, device="cpu")
+    config = json.loads((half / "config.json").read_text())
+    config["weights_sha256"] = file_sha256(half / "model.safetensors")  # converted on purpose
+    (half / "config.json").write_text(json.dumps(config))
     r = mmca.load(half, device="cpu")
     assert all(p.dtype == torch.float32 for p in r.model.parameters())
     assert torch.isfinite(r.score(r.encode_images(np.zeros((1, 36, 1280), np.float32)), r.encode_texts(["a"]))).all()

@@ -1,5 +1,6 @@
 """Training: it learns, it resumes to the same weights after a kill -9, it detects collapse."""
 
+import json
 import os
 import signal
 import subprocess
@@ -44,10 +45,14 @@ def synthetic_split(num_images: int, seed: int, k: int = 4, img_dim: int = 12, t
     )
 
 
-def train_tiny(out_dir, config=TINY, **kw):
-    trainer = Trainer(config, synthetic_split(24, 1), synthetic_split(10, 2), out_dir,
+def train_tiny(out_dir, config=TINY, images=(24, 10), **kw):
+    trainer = Trainer(config, synthetic_split(images[0], 1), synthetic_split(images[1], 2), out_dir,
                       progress=False, log=lambda _: None, **kw)
     return trainer, trainer.run()
+
+
+# Two epochs of three steps, saved every two: each epoch writes last.pt mid-way and at its end.
+QUICK = dict(config=TINY.replace(epochs=2, lr_decay_epochs=()), images=(4, 4))
 
 
 def test_training_learns_and_writes_its_run_directory(tmp_path):
@@ -246,3 +251,140 @@ def test_an_ablation_with_a_staged_schedule_keeps_its_best_epoch(tmp_path):
     _, summary = train_tiny(tmp_path, TINY.replace(epochs=2, cross_from_epoch=1, model_alpha=0.0))
     best = max(summary["history"], key=lambda r: r["rsum"])
     assert summary["best_epoch"]["epoch"] == best["epoch"]
+
+
+REAL_REPLACE = os.replace
+
+
+class Killed(BaseException):
+    """Stands in for a kill: a BaseException, so no `except Exception` in mmca stops it."""
+
+
+def kill_after_write(monkeypatch, run_dir, n: int | None) -> list[str]:
+    """Make the n-th file the run writes into `run_dir` its last act. Every file mmca writes
+    goes through `atomic_write`, whose rename is `os.replace`: counting renames counts writes,
+    and raising right after the n-th is a process that died there (the test process goes on
+    to resume it). n=None: only record the names written, in order."""
+    written = []
+
+    def replace(src, dst):
+        REAL_REPLACE(src, dst)
+        if os.path.dirname(os.fspath(dst)) == str(run_dir):
+            written.append(os.path.basename(dst))
+            if len(written) == n:
+                raise Killed(dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return written
+
+
+def run_files(run_dir):
+    """What a finished run holds, for comparison: weights of last.pt and best.pt, best.pt's
+    epoch and metrics, and log.csv without its timings."""
+    import csv
+
+    last, best = read_checkpoint(run_dir / "last.pt"), read_checkpoint(run_dir / "best.pt")
+    with open(run_dir / "log.csv") as f:
+        log = [{k: v for k, v in row.items() if not k.endswith("_s")} for row in csv.DictReader(f)]
+    return last["model"], best["model"], best["epoch"], best["metrics"], log
+
+
+def test_a_run_killed_after_any_write_resumes_to_the_same_files(monkeypatch, tmp_path):
+    straight = tmp_path / "straight"
+    writes = kill_after_write(monkeypatch, straight, None)
+    train_tiny(straight, **QUICK)
+    expected = run_files(straight)
+    assert writes.count("last.pt") == 4 and "best.pt" in writes and writes[-1] == "curves.png"
+    for n, name in enumerate(writes, 1):
+        run_dir = tmp_path / f"killed-{n}"
+        kill_after_write(monkeypatch, run_dir, n)
+        with pytest.raises(Killed):
+            train_tiny(run_dir, **QUICK)
+        assert not (run_dir / "best.pt").exists() or (run_dir / "last.pt").exists(), name
+        kill_after_write(monkeypatch, run_dir, None)
+        train_tiny(run_dir, resume=True, **QUICK)
+        got = run_files(run_dir)
+        for mine, theirs in ((got[0], expected[0]), (got[1], expected[1])):
+            assert all(torch.equal(mine[k], theirs[k]) for k in theirs), f"killed after write {n} ({name})"
+        assert got[2:] == expected[2:], f"killed after write {n} ({name})"
+
+
+KILLED_IN_WRITE = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    torch.set_num_threads({threads})
+    sys.path.insert(0, {tests!r})
+    from test_train import QUICK, train_tiny
+    real = os.replace
+    def replace(src, dst):
+        if os.path.basename(dst) == "best.pt":  # its temporary file is complete, not yet renamed
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(src, dst)
+    os.replace = replace
+    train_tiny({out!r}, **QUICK)
+""")
+
+
+def test_a_kill_before_the_first_best_pt_leaves_a_run_that_resumes_and_is_swept(tmp_path):
+    straight, _ = train_tiny(tmp_path / "straight", **QUICK)
+    run_dir = tmp_path / "killed"
+    script = KILLED_IN_WRITE.format(tests=os.path.dirname(__file__), out=str(run_dir),
+                                    threads=torch.get_num_threads())
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    stale = [p.name for p in run_dir.iterdir() if p.name.startswith(".best.pt.")]
+    assert len(stale) == 1 and not (run_dir / "best.pt").exists() and (run_dir / "last.pt").exists()
+    (run_dir / ".best.pt.notes.tmp").write_text("not mmca's: another name pattern")
+    lines = []
+    resumed = Trainer(QUICK["config"], synthetic_split(4, 1), synthetic_split(4, 2), run_dir,
+                      resume=True, progress=False, log=lines.append)
+    assert any(f"removed {stale[0]}" in line for line in lines)
+    assert not (run_dir / stale[0]).exists() and (run_dir / ".best.pt.notes.tmp").exists()
+    assert read_checkpoint(run_dir / "best.pt")["epoch"] == 1  # written from last.pt's record
+    resumed.run()
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_resume_on_other_data_is_refused_saying_what_differs(tmp_path):
+    config = QUICK["config"].replace(epochs=1)
+    train, dev = synthetic_split(4, 1), synthetic_split(4, 2)
+    train.root = tmp_path / "flickr"
+    Trainer(config, train, dev, tmp_path / "run", progress=False, log=lambda _: None).run()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["train"]["captions"] == 20
+    other = synthetic_split(4, 1)  # the same features, other sentences: another dataset
+    other.root, other.captions = tmp_path / "other", [f"a dog {j}" for j in range(20)]
+    with pytest.raises(MmcaError, match=r"trained on other data .*train split: root: '.*flickr' vs '.*other'; "
+                                        r"digest: '[0-9a-f]{12}…' vs"):
+        Trainer(config, other, dev, tmp_path / "run", resume=True, progress=False)
+    fewer = synthetic_split(3, 2)  # a validation split with one image less
+    with pytest.raises(MmcaError, match=r"val split: images: 4 vs 3; captions: 20 vs 15"):
+        Trainer(config, train, fewer, tmp_path / "run", resume=True, progress=False)
+    moved = synthetic_split(4, 1)  # the same content in another folder: the data was moved
+    moved.root = tmp_path / "moved"
+    Trainer(config, moved, dev, tmp_path / "run", resume=True, progress=False, log=lambda _: None).run()
+
+
+def test_a_resumed_run_keeps_its_feature_spec_names_included(tmp_path):
+    from dataclasses import replace
+
+    from mmca.data.spec import FeatureSpec, ImageSpec, TextSpec
+
+    found_by_name = FeatureSpec(ImageSpec("mobilenet_v2", 4, 12, grid=2, image_size=64, weights_sha256="ab"),
+                                TextSpec("bert", 10, 64, "cd", "model.safetensors:1", "/models/minilm", "minilm"))
+    config = QUICK["config"]
+
+    def split(seed, spec):
+        data = synthetic_split(4, seed)
+        data.feature_spec = spec
+        return data
+
+    Trainer(config, split(1, found_by_name), split(2, found_by_name), tmp_path, progress=False,
+            log=lambda _: None).run(until_epoch=1)
+    by_folder = replace(found_by_name, text=replace(found_by_name.text, name=None))  # how a resume finds it
+    resumed = Trainer(config, split(1, by_folder), split(2, by_folder), tmp_path, resume=True,
+                      progress=False, log=lambda _: None)
+    resumed.run()
+    for spec in (json.loads((tmp_path / "config.json").read_text())["feature_spec"],
+                 read_checkpoint(tmp_path / "last.pt")["feature_spec"]):
+        assert spec["text"]["name"] == "minilm" and spec["text"]["model_dir"] == "/models/minilm"

@@ -21,7 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mmca.checkpoint import MODEL_DIR_FORMAT, checkpoint_identity, checkpoint_spec, is_model_dir, load_model
+from mmca.checkpoint import (MODEL_DIR_FORMAT, WEIGHTS_DIGEST, checkpoint_identity, checkpoint_spec, file_sha256,
+                             is_model_dir, load_model, weights_metadata)
 from mmca.engine.guards import require_finite_weights
 from mmca.errors import MmcaError
 from mmca.metrics import DIRECTIONS, RECALL_AT
@@ -67,13 +68,15 @@ def export_model_dir(checkpoint: str | Path, out: str | Path, command: str | Non
 
 def _write(out: Path, weights: dict, config: dict[str, Any]) -> None:
     """The three files in a temporary folder next to `out`, flushed to disk, then renamed into
-    place: a crash leaves no half-written model directory."""
+    place: a crash leaves no half-written model directory. Each of the two model files
+    records the other's digest (`mmca.checkpoint.require_as_written`)."""
     from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": MODEL_DIR_FORMAT})
+        save_file(weights, str(tmp / "model.safetensors"), metadata=weights_metadata(config))
+        config = {**config, WEIGHTS_DIGEST: file_sha256(tmp / "model.safetensors")}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(model_card(config), encoding="utf-8")
         _readable(tmp)

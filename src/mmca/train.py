@@ -2,9 +2,16 @@
 validation on dev after every epoch, best checkpoint by dev rsum, and exact resumption.
 
 A run directory holds `config.json`, `last.pt` (everything needed to resume, rewritten
-atomically every `save_every_steps` steps and at each epoch end), `best.pt`, `log.csv` and
-`curves.png`. Data order depends only on (seed, epoch), and the RNG state is checkpointed,
-so a resumed run ends with the same weights as an uninterrupted one.
+every `save_every_steps` steps and at each epoch end), `best.pt`, `log.csv` and `curves.png`.
+Data order depends only on (seed, epoch), and the RNG state is checkpointed, so a resumed run
+ends with the same weights as an uninterrupted one.
+
+Every file is written atomically, and at an epoch's end `last.pt` comes first: it records
+which epoch is best (and that epoch's metrics), so a run killed before `best.pt` or `log.csv`
+were rewritten writes them on resume from the state it holds. Whatever instant a kill hits,
+the folder resumes; temporary files a kill left are swept at the next start. `last.pt` and
+`config.json` also record the identity of the train and validation data (`SplitIdentity`):
+a resume on other data is refused.
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mmca.atomic import atomic_write, atomic_write_text, stale_temps
 from mmca.checkpoint import checkpoint_spec, read_checkpoint, save_checkpoint
 from mmca.config import TrainConfig
 from mmca.data.dataset import RetrievalDataset
+from mmca.data.identity import SplitIdentity
 from mmca.dist import Shard
 from mmca.engine import mined_loss
 from mmca.engine.bank import pad_tokens
@@ -31,12 +40,14 @@ from mmca.engine.global_batch import average_gradients, global_mined_loss
 from mmca.engine.precision import PrecisionChoice, resolve_precision
 from mmca.errors import MmcaError
 from mmca.evaluate import evaluate
-from mmca.atomic import atomic_write_text
+from mmca.folders import MARKER, is_empty_dir, kind_of, mark
 from mmca.model import MMCA
 
 LOG_FIELDS = ["epoch", "loss", "loss_kind", "lr", "train_s", "val_s",
               "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "collapsed", "alpha"]
 CROSS_MODULES = ("token_fc", "cross_unit", "cross_text_head")
+# what a run folder holds: the names whose stale temporary files a start may sweep
+RUN_FILES = ("config.json", "last.pt", "best.pt", "log.csv", "curves.png", MARKER)
 REMEDIES = ("Try --warmup-epochs 1, a lower --cross-lr-scale, or --cross-from-epoch N "
             "(train α = 0 first), as the cpu preset does.")
 
@@ -49,6 +60,8 @@ class TrainState:
     step: int = 0  # batches of that epoch already done
     loss_sum: float = 0.0  # running sum over those batches
     best_rsum: float = -1.0
+    best_epoch: int = 0  # the epoch best.pt holds (1-based; 0: none yet)
+    best_metrics: dict | None = None  # its dev metrics, to write best.pt again after a kill
     history: list[dict] = field(default_factory=list)
 
 
@@ -105,6 +118,7 @@ class Trainer:
             raise MmcaError(f"mirror_images is on but the {train_set.split} split has no mirrored views",
                             "open the split with mirror=True (the CLI does), or turn mirror_images off")
         self.train_set, self.dev_set = train_set, dev_set
+        self.data = {"train": SplitIdentity.of(train_set), "val": SplitIdentity.of(dev_set)}
         self.spec = train_set.spec.with_mirror(self.config.mirror_images)
         self.spec.require_match(dev_set.spec, f"the {train_set.split} split", f"the {dev_set.split} split",
                                 "prepare both splits with the same --backbone, --image-size, --grid and --text-encoder")
@@ -134,12 +148,48 @@ class Trainer:
                             "no item", "use at most --batch-size ranks")
         if not self.shard.main:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._take_folder()
+        if self.last_path.exists():  # restored above
+            self._finish_interrupted_epoch()
         atomic_write_text(self.out_dir / "config.json", json.dumps(
-            {**self.config.to_dict(), "feature_spec": self.spec.to_dict(), "mining": self.mining.to_dict()},
-            indent=2))
+            {**self.config.to_dict(), "feature_spec": self.spec.to_dict(), "mining": self.mining.to_dict(),
+             "data": self._data_record()}, indent=2))
         if self.config.model.alpha:
             self.log(f"hardest-negative mining in {self.mining.precision} ({self.mining.reason})")
+
+    def _take_folder(self) -> None:
+        """Create or mark the run folder, and sweep the temporary files a kill left in it: only
+        in a folder that is new, empty or already a run (a user's folder is never swept)."""
+        folder = self.out_dir
+        ours = not folder.exists() or is_empty_dir(folder) or kind_of(folder) == "run"
+        folder.mkdir(parents=True, exist_ok=True)
+        if not ours:
+            return
+        if not (folder / MARKER).is_file():
+            mark(folder, "run")
+        for tmp in stale_temps(folder, RUN_FILES):
+            tmp.unlink()
+            self.log(f"removed {tmp.name}, left by an interrupted write")
+
+    def _data_record(self) -> dict[str, dict]:
+        return {role: ident.to_dict() for role, ident in self.data.items()}
+
+    def _require_same_data(self, payload: dict, path: Path) -> None:
+        """Refuse to go on with a train or validation split other than the run's own."""
+        recorded = payload.get("data")
+        if not isinstance(recorded, dict):
+            self.log(f"{path} records no data identity (an older mmca wrote it): the data is not checked")
+            return
+        problems = []
+        for role, now in self.data.items():
+            saved = SplitIdentity.from_dict(recorded.get(role))
+            diff = ["unreadable record"] if saved is None else saved.differences(now)
+            if diff:
+                problems.append(f"{role} split: " + "; ".join(diff))
+        if problems:
+            raise MmcaError(f"{path} was trained on other data ({path.name} first): " + " | ".join(problems),
+                            "resume with the dataset and --train-split/--val-split the run started with, "
+                            "or start a new --out directory")
 
     def _init_weights(self, path: Path) -> None:
         """Start from another run's weights (e.g. the α = 0 model), keeping this config."""
@@ -156,9 +206,12 @@ class Trainer:
     def _restore(self, path: Path | None = None, expected: TrainConfig | None = None) -> None:
         path = path or self.last_path
         payload = read_checkpoint(path)
-        checkpoint_spec(payload, path).require_match(
+        spec = checkpoint_spec(payload, path)
+        spec.require_match(
             self.spec, str(path), f"the {self.train_set.split} split",
             "resume with the features the run started with (same --backbone, --image-size, --grid and --text-encoder)")
+        self.spec = spec.with_mirror(self.config.mirror_images)  # its provenance too: the encoder's name
+        self._require_same_data(payload, path)
         saved = TrainConfig.from_dict(payload["train_config"])
         if saved != (expected or self.config):
             raise MmcaError(f"{path} was trained with another configuration ({path.name} first): "
@@ -187,7 +240,8 @@ class Trainer:
         if (self.state.epoch, self.state.step) != (prefix, 0):
             raise MmcaError(f"{path} holds epoch {self.state.epoch}, step {self.state.step}, not the end of "
                             f"epoch {prefix}", "branch from the α = 0 run's state saved after that epoch")
-        self.state.best_rsum = -1.0  # best.pt holds the full model: the prefix's epochs are not candidates
+        # best.pt holds the full model: the prefix's epochs are not candidates
+        self.state.best_rsum, self.state.best_epoch, self.state.best_metrics = -1.0, 0, None
         self.log(f"epochs 1-{prefix} taken from {path} (the α = 0 run, identical up to there)")
 
     def _save_last(self) -> None:
@@ -197,7 +251,26 @@ class Trainer:
         save_checkpoint(self.last_path, self.model, self.spec, train_config=self.config.to_dict(),
                         mining_precision=self.mining.precision,
                         optimizer=self.optimizer.state_dict(), rng=torch.get_rng_state(), cuda_rng=cuda_rng,
-                        state=json.dumps(self.state.__dict__))
+                        state=json.dumps(self.state.__dict__), data=self._data_record())
+
+    def _save_best(self) -> None:
+        """best.pt: the model at the end of epoch `state.best_epoch` (the model in memory now)."""
+        save_checkpoint(self.best_path, self.model, self.spec, train_config=self.config.to_dict(),
+                        epoch=self.state.best_epoch, metrics=self.state.best_metrics)
+
+    def _finish_interrupted_epoch(self) -> None:
+        """Write what an epoch's end still owed when a kill came right after its last.pt: then
+        the model restored is the best epoch's, and last.pt says so."""
+        st = self.state
+        held = read_checkpoint(self.best_path)["epoch"] if self.best_path.exists() else None
+        if st.best_epoch and held != st.best_epoch:
+            if (st.epoch, st.step) != (st.best_epoch, 0):
+                raise MmcaError(f"{self.out_dir} holds best.pt of epoch {held}, but last.pt says epoch "
+                                f"{st.best_epoch} is best (best.pt was replaced or removed)",
+                                "start the run in a new --out directory")
+            self._save_best()
+        if st.history:
+            self._write_log()
 
     def _train_step(self, captions: np.ndarray, kind: str) -> float:
         ds = self.train_set
@@ -306,13 +379,13 @@ class Trainer:
                      f"i2t R@1 {m['i2t_r1']:.1f} t2i R@1 {m['t2i_r1']:.1f} rsum {m['rsum']:.1f} | "
                      f"train {train_s:.0f}s val {result.seconds:.0f}s")
             # best.pt holds the full model: a staged run's α = 0 epochs are not candidates
-            if m["rsum"] > st.best_rsum and (self.model.cross_enabled or not cfg.model.alpha):
-                st.best_rsum = m["rsum"]
-                if self.shard.main:
-                    save_checkpoint(self.best_path, self.model, self.spec, train_config=cfg.to_dict(),
-                                    epoch=row["epoch"], metrics=m)
+            best = m["rsum"] > st.best_rsum and (self.model.cross_enabled or not cfg.model.alpha)
+            if best:
+                st.best_rsum, st.best_epoch, st.best_metrics = m["rsum"], row["epoch"], dict(m)
             st.epoch, st.step, st.loss_sum = st.epoch + 1, 0, 0.0
-            self._save_last()
+            self._save_last()  # first: it holds all the rest, so a kill from here on loses nothing
+            if best and self.shard.main:
+                self._save_best()
             self._write_log()
         return {"best_rsum": st.best_rsum, "best": str(self.best_path) if self.best_path.exists() else None,
                 "best_epoch": self.best_epoch(), "history": st.history}
@@ -361,5 +434,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
         if len(epochs) < 15:
             ax.set_xticks(epochs)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
+    atomic_write(path, lambda f: f.write(image.getvalue()))

@@ -21,8 +21,9 @@ split with the exact pruned protocol; the checkpoint with the best rsum is kept.
 
 The run directory (--out) gets: config.json, last.pt (resumable state, rewritten atomically),
 best.pt, log.csv (one row per epoch), curves.png (loss and dev rsum per epoch).
-Interrupt at any time (Ctrl-C) and continue with the same command plus --resume: the
-result is the same as an uninterrupted run.
+Interrupt at any time (Ctrl-C, or even kill -9) and continue with the same command plus
+--resume: the result is the same as an uninterrupted run. The run records its train and
+validation data; --resume on other data is refused.
 
 Several processes (docs/distributed.md): `torchrun --nproc-per-node N -m mmca train ...` splits
 every global batch (--batch-size) over the N ranks with the loss and gradient of one process;

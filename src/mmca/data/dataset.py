@@ -90,6 +90,7 @@ class RetrievalDataset:
     image_views: tuple[np.ndarray, ...] = ()
     # What the features were computed with (set by `prepare_split`); None: derived from shapes.
     feature_spec: FeatureSpec | None = None
+    root: Path | None = None  # the dataset folder it was read from (None: built in memory)
 
     @property
     def num_images(self) -> int:

@@ -125,6 +125,7 @@ def prepare_split(
         image_paths=source.image_paths,
         image_views=views,
         feature_spec=spec,
+        root=source.root,
     )
     return PreparedSplit(dataset, entries, time.perf_counter() - started)
 
