@@ -96,6 +96,10 @@ class FusedKernel:
             self._ready[shape] = self.mode == "on" or (self.mode == "warm" and self._marker(shape).is_file())
         return self._ready[shape] or shape.key in self._warm
 
+    def marked(self) -> set[str]:
+        """The keys of the block shapes marked compiled in the cache."""
+        return {p.stem for p in (self.cache_dir / "warm").glob("*.json")}
+
     def __call__(self, w: CrossWeights, rows: BlockRows) -> torch.Tensor:
         """i1·c1 of the block, fused where `ready`, else by the eager kernel."""
         if rows.qr.device.type != "cpu" or not self.ready(BlockShape.of(w, rows)):
