@@ -122,9 +122,9 @@ def test_exact_modes_run_in_full_fp32_and_blocks_have_one_shape(gallery, monkeyp
 
     real_block = scoring.score_block
 
-    def spy(weights, img, bucket, c0, a, rows):
+    def spy(weights, img, bucket, c0, a, rows, cross):
         seen.append((len(a), torch.get_float32_matmul_precision()))
-        return real_block(weights, img, bucket, c0, a, rows)
+        return real_block(weights, img, bucket, c0, a, rows, cross)
 
     monkeypatch.setattr(scoring, "score_block", spy)
     previous = torch.get_float32_matmul_precision()

@@ -110,18 +110,52 @@ def bench_roof(model, opts: EngineOptions, log, rounds: int = 3) -> dict:
                 flops = float(np.mean([pair_flops(w.regions, int(n), c.d, c.ffn, c.cnn_filters, c.windows)
                                        for n in padded]))
                 rows = eng.block_pairs * (w.regions + int(np.ceil(padded.mean())))
+            # the fused kernel (compiled, or loaded from the kernel cache) beside the engine's
+            fused = ScoringEngine(model, device=w.device, precision=p, fused=opts.fused_kernel)
+            if opts.fused_kernel == "on":
+                out[f"{p}_fused_first_use"] = fused_first_use(fused, ib, tb, log)
+            engines = {"kernel": eng, "fused": fused} if opts.fused_kernel == "on" else {"kernel": eng}
             eng.full_scores(ib, tb)
-            roof = kernel = 0.0
+            roof, rates = 0.0, dict.fromkeys(engines, 0.0)
             for _ in range(rounds):
                 roof = max(roof, gemm_rate(rows, c.d, c.d, dtype, w.device))
-                kernel = max(kernel, _best_rate(lambda: eng.full_scores(ib, tb), pairs, w.device, repeat=1))
-        achieved = kernel * flops / 1e9
-        out.update({f"{p}_roof_gflops": roof, f"{p}_kernel_gflops": achieved, f"{p}_roof_fraction": achieved / roof,
-                    f"{p}_pair_mflop": flops / 1e6, "gemm_shape": [rows, c.d, c.d]})
-        log(f"    {p} roof {roof:.1f} GFLOP/s ({rows}x{c.d} @ {c.d}x{c.d}); kernel {achieved:.1f} GFLOP/s "
-            f"({flops / 1e6:.1f} MFLOP/pair at the bucket lengths, mean {padded.mean():.1f}) "
-            f"= {100 * achieved / roof:.0f}% of the roof (best of {rounds} alternating rounds)")
+                for name, e in engines.items():
+                    rates[name] = max(rates[name], _best_rate(lambda: e.full_scores(ib, tb), pairs, w.device,
+                                                              repeat=1))
+            diff = float((fused.full_scores(ib, tb) - eng.full_scores(ib, tb)).abs().max())
+        out.update({f"{p}_roof_gflops": roof, f"{p}_pair_mflop": flops / 1e6, "gemm_shape": [rows, c.d, c.d],
+                    f"{p}_fused_max_abs_diff": diff})
+        log(f"    {p} roof {roof:.1f} GFLOP/s ({rows}x{c.d} @ {c.d}x{c.d}); "
+            f"{flops / 1e6:.1f} MFLOP/pair at the bucket lengths, mean {padded.mean():.1f}; "
+            f"best of {rounds} alternating rounds")
+        kernel_fused, kernel = rates.get("fused", 0.0), rates["kernel"]
+        for name, rate in rates.items():
+            achieved = rate * flops / 1e9
+            out.update({f"{p}_{name}_pairs_per_s": rate, f"{p}_{name}_gflops": achieved,
+                        f"{p}_{name}_roof_fraction": achieved / roof})
+            log(f"    {p} {'engine' if name == 'kernel' else 'fused '} {rate:.0f} pairs/s, {achieved:.1f} GFLOP/s "
+                f"= {100 * achieved / roof:.0f}% of the roof" + (f" ({kernel_fused / kernel:.2f}x the engine, "
+                                                                 f"max |dS| {diff:.1e})" if name == "fused" else ""))
     log(f"    device: {what}; auto precision -> {resolve_precision('auto', w.device).precision}")
+    return out
+
+
+def fused_first_use(engine: ScoringEngine, images, texts, log) -> dict:
+    """Seconds of the first fused block of each caption bucket: a compile where the kernel
+    cache is cold, a load from disk where it is warm (`mmca.engine.fused`)."""
+    out = {}
+    for bucket in texts.buckets:
+        before = engine.fused.marked()
+        a = torch.zeros(1, dtype=torch.int64, device=engine.device)
+        t = time.perf_counter()
+        engine.pair_scores(images, texts, a, bucket.captions[:1])
+        out[bucket.length] = {"seconds": time.perf_counter() - t, "warm": engine.fused.marked() == before}
+    cold = [v["seconds"] for v in out.values() if not v["warm"]]
+    warm = [v["seconds"] for v in out.values() if v["warm"]]
+    log(f"    fused {engine.precision} first use, {len(out)} caption buckets: "
+        + (f"cold (compiled) {len(cold)}, {sum(cold):.1f} s in all, {max(cold):.1f} s at most" if cold else "")
+        + ("; " if cold and warm else "")
+        + (f"warm (from disk) {len(warm)}, {sum(warm):.1f} s in all, {max(warm):.1f} s at most" if warm else ""))
     return out
 
 

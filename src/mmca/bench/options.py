@@ -53,6 +53,7 @@ class EngineOptions:
     memory: MemoryOptions = field(default_factory=MemoryOptions)
     parts: str = "abcd"
     skip_big: bool = False
+    fused_kernel: str = "on"  # (a): also time the fused pair kernel (compiling shapes not yet cached); off: engine only
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

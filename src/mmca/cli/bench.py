@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bank storage dtype for (d) (default: fp32, exact; bf16/fp16 are an "
                              "opt-in approximation with fp32 compute)")
     parser.add_argument("--skip-big", action="store_true", help="skip (d)")
+    parser.add_argument("--fused-kernel", choices=("on", "off"), default="on",
+                        help="(a): also time the fused pair kernel, compiling the shapes not yet in "
+                             "the kernel cache (and so warming them); off: the engine only")
     parser.add_argument("--only", default="abcd", help="subset of the parts to run, e.g. 'ac'")
     parser.add_argument("--json", "--out", dest="json", default=None, help="also write the results to this file")
     _add_distributed_arguments(parser)
@@ -105,7 +108,8 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
     memory = MemoryOptions(images=args.big_images, captions=args.big_captions, seconds=args.big_seconds,
                            image_block=args.big_image_block, storage=args.big_storage)
     return EngineOptions(work=workload(args), score_images=args.score_images, score_captions=args.score_captions,
-                         mine_precision=args.mine_precision, memory=memory, parts=args.only, skip_big=args.skip_big)
+                         mine_precision=args.mine_precision, memory=memory, parts=args.only, skip_big=args.skip_big,
+                         fused_kernel=args.fused_kernel)
 
 
 def distributed_options(args: argparse.Namespace) -> DistributedOptions:

@@ -23,6 +23,8 @@ is computed: the pruned and the exhaustive modes agree bit for bit.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -88,13 +90,13 @@ def _text_head(w: CrossWeights, y: torch.Tensor, mask: torch.Tensor) -> torch.Te
     not_real = ~mask.unsqueeze(-1)
     pooled, col = [], 0
     for width, bias in zip(w.windows, w.conv_b):
-        acc = z[:, :, col:col + f]  # the first tap's columns, summed into in place
+        acc = z[:, :, col:col + f]  # the first tap's columns
         for s in range(1, min(width, length)):  # tap s reads row t + s; zero past the end
-            acc[:, :length - s] += z[:, s:, col + s * f:col + (s + 1) * f]
+            acc = acc + F.pad(z[:, s:, col + s * f:col + (s + 1) * f], (0, 0, 0, s))
         col += width * f
         # max over the real positions, then the bias (max(a + b) = max(a) + b, exactly: rounding
         # is monotone) and ReLU (monotone, so the same as ReLU then max)
-        pooled.append(acc.masked_fill_(not_real, float("-inf")).amax(dim=1).add_(bias).relu_())
+        pooled.append(acc.masked_fill(not_real, float("-inf")).amax(dim=1).add_(bias).relu_())
     c = torch.addmm(w.fc_b, torch.cat(pooled, dim=-1), w.fc_w).float()
     if w.head_norm is not None:
         g, b, eps = w.head_norm
@@ -118,28 +120,66 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(p_, length, h * dh)
 
 
-@torch.no_grad()
-def score_block(w: CrossWeights, images: ImageBank, bucket: TextBucket, c0: torch.Tensor,
-                a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """S of P pairs: image rows `a` of `images`, rows `b` of `bucket` (both (P,) int64 on the
-    bank device); `c0` is the caption bank's (M, d) -> (P,) float32. Bank rows stored in
-    another dtype than the kernel's are cast on the way in."""
+@dataclass
+class BlockRows:
+    """The bank rows one block of pairs reads, gathered and cast to the kernel's dtype: shapes
+    depend only on the block (pairs, regions, bucket length), never on the banks' sizes, so a
+    compiled kernel (`mmca.engine.fused`) sees one shape per caption length bucket."""
+
+    qr: torch.Tensor  # (P, h, k, dh) image rows
+    kr: torch.Tensor
+    vr: torch.Tensor
+    m: torch.Tensor  # (P, h, k) float32 own-block statistics of the image rows
+    l: torch.Tensor
+    o: torch.Tensor
+    r: torch.Tensor  # (P, k, d)
+    qe: torch.Tensor  # (P, h, L, dh) caption rows
+    ke: torch.Tensor
+    ve: torch.Tensor
+    mask: torch.Tensor  # (P, L) bool
+    e: torch.Tensor  # (P, L, d)
+
+
+def gather_rows(w: CrossWeights, images: ImageBank, bucket: TextBucket, a: torch.Tensor,
+                b: torch.Tensor) -> BlockRows:
+    """The rows of image `a` and bucket row `b` of each pair; bank rows stored in another dtype
+    than the kernel's are cast on the way in."""
     def rows(t, idx):
         return t.index_select(0, idx).to(w.dtype)
 
-    qr, kr, vr = rows(images.q, a), rows(images.k, a), rows(images.v, a)
-    qe, ke, ve = rows(bucket.q, b), rows(bucket.k, b), rows(bucket.v, b)
-    mask = bucket.mask.index_select(0, b)
+    return BlockRows(rows(images.q, a), rows(images.k, a), rows(images.v, a),
+                     images.m.index_select(0, a), images.l.index_select(0, a), rows(images.o, a),
+                     rows(images.r, a), rows(bucket.q, b), rows(bucket.k, b), rows(bucket.v, b),
+                     bucket.mask.index_select(0, b), rows(bucket.e, b))
+
+
+def cross_dots(w: CrossWeights, x: BlockRows) -> torch.Tensor:
+    """i1·c1 of the block's pairs -> (P,) float32: everything of the cross unit and its text
+    head that depends on the pair."""
     # region rows attend to [own regions (statistics from the bank) | the caption's tokens]
-    att_r = _merge(qr, ke, ve, mask, images.m.index_select(0, a), images.l.index_select(0, a),
-                   rows(images.o, a))
+    att_r = _merge(x.qr, x.ke, x.ve, x.mask, x.m, x.l, x.o)
     # token rows attend to [own tokens (statistics derived here) | the image's regions]
-    att_e = _merge(qe, kr, vr, None, *own_stats(qe, ke, ve, mask))
-    y_r = _ffn_block(w, rows(images.r, a), merge_heads(att_r))
-    y_e = _ffn_block(w, rows(bucket.e, b), merge_heads(att_e))
+    att_e = _merge(x.qe, x.kr, x.vr, None, *own_stats(x.qe, x.ke, x.ve, x.mask))
+    y_r = _ffn_block(w, x.r, merge_heads(att_r))
+    y_e = _ffn_block(w, x.e, merge_heads(att_e))
     i1 = F.normalize(y_r.float().mean(dim=1), dim=-1)
-    y_e = y_e.masked_fill_(~mask.unsqueeze(-1), 0)
-    c1 = _text_head(w, y_e, mask)
+    y_e = y_e.masked_fill_(~x.mask.unsqueeze(-1), 0)
+    c1 = _text_head(w, y_e, x.mask)
+    return (i1 * c1).sum(dim=-1)
+
+
+def global_dots(images: ImageBank, bucket: TextBucket, c0: torch.Tensor, a: torch.Tensor,
+                b: torch.Tensor) -> torch.Tensor:
+    """i0·c0 of the pairs (image a, bucket row b) -> (P,) float32."""
     cap = bucket.captions.index_select(0, b)
-    g = (images.i0.index_select(0, a) * c0.index_select(0, cap)).sum(dim=-1)
-    return g + w.alpha * (i1 * c1).sum(dim=-1)
+    return (images.i0.index_select(0, a) * c0.index_select(0, cap)).sum(dim=-1)
+
+
+@torch.no_grad()
+def score_block(w: CrossWeights, images: ImageBank, bucket: TextBucket, c0: torch.Tensor,
+                a: torch.Tensor, b: torch.Tensor, cross=cross_dots) -> torch.Tensor:
+    """S of P pairs: image rows `a` of `images`, rows `b` of `bucket` (both (P,) int64 on the
+    bank device); `c0` is the caption bank's (M, d) -> (P,) float32. `cross(w, rows)` computes
+    i1·c1 (`cross_dots`, or its compiled form)."""
+    g = global_dots(images, bucket, c0, a, b)
+    return g + w.alpha * cross(w, gather_rows(w, images, bucket, a, b))

@@ -13,6 +13,7 @@ from mmca.engine import ranking
 from mmca.engine.bank import (ImageBank, TextBank, bucketed_text_bank, build_image_bank,
                               empty_image_bank, empty_text_bucket, fill_image_bank, fill_text_bucket,
                               pad_tokens)
+from mmca.engine.fused import FusedKernel
 from mmca.engine.guards import require_finite, require_finite_weights
 from mmca.engine.pairs import CrossWeights, score_block
 from mmca.runtime import retain_freed_memory
@@ -63,11 +64,13 @@ class ScoringEngine:
     hold at once (their masks, index vectors and candidate lists, ~50 bytes a pair; the capped
     mode's score cache too), whatever the gallery size. `check_weights` refuses a model with
     NaN/Inf weights (training's mining engine skips it: the trainer checks every gradient).
+    `fused` is the fused pair kernel's switch ("off", "warm", "on"; default $MMCA_FUSED_KERNEL,
+    else "warm": fused only for block shapes already compiled, `mmca.engine.fused`).
     """
 
     def __init__(self, model, device=None, precision: str = "fp32", block_pairs: int | None = None,
                  length_granule: int = 4, storage: str | None = None, pair_budget: int = 1 << 21,
-                 check_weights: bool = True, fixed_shape: bool = True):
+                 check_weights: bool = True, fixed_shape: bool = True, fused: str | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
         if storage is not None and storage not in STORAGE:
@@ -89,6 +92,7 @@ class ScoringEngine:
         if check_weights:
             require_finite_weights(self.model)
         self.weights = CrossWeights(self.model, self.dtype)
+        self.fused = FusedKernel(fused)
         self.alpha = abs(float(model.alpha))  # ModelConfig refuses α < 0; the bound needs |α|
         # |S - i0·c0| <= alpha * |i1·c1| <= alpha (1 + tol), plus rounding of i0·c0 itself
         # (i1, c1 are normalised in float32 whatever the storage dtype)
@@ -198,7 +202,7 @@ class ScoringEngine:
             if pad:  # repeat the last pair: every call has `block_pairs` rows (or a multiple of GRANULE)
                 aa = torch.cat([aa, aa[-1:].expand(pad)])
                 rr = torch.cat([rr, rr[-1:].expand(pad)])
-            out[s:s + p] = score_block(self.weights, images, bucket, texts.c0, aa, rr)[:p]
+            out[s:s + p] = score_block(self.weights, images, bucket, texts.c0, aa, rr, self.fused)[:p]
         self.pair_passes += len(a)
         require_finite(out, "pair scores")
         return out
