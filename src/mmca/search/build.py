@@ -16,7 +16,7 @@ from mmca.errors import CheckpointError, DataError, MmcaError
 from mmca.data.spec import FeatureSpec
 from mmca.features.options import extraction_options, image_backbone
 from mmca.search.index import (STORAGE, GalleryIndex, IndexWriter, backbone_identity, checkpoint_identity,
-                               index_backbone, list_images, text_encoder_identity)
+                               index_backbone, list_images, require_index_out, text_encoder_identity)
 
 
 def _check_dims(model, img_dim: int, txt_dim: int, ckpt: Path) -> None:
@@ -117,6 +117,7 @@ def build_from_dataset(out: str | Path, checkpoint: str | Path, root: str | Path
     captions only."""
     from mmca.features import TextEncoder, prepare_split
 
+    require_index_out(out, overwrite, inputs=(root, checkpoint))  # before any feature is computed
     ckpt = Path(checkpoint)
     model, spec, _ = load_model_and_spec(ckpt)
     opts = extraction_options(spec, grid, text_encoder, max_tokens, backbone, image_size)
@@ -168,6 +169,7 @@ def build_from_folder(out: str | Path, checkpoint: str | Path, folder: str | Pat
     plain lines) or the folder's captions.tsv."""
     from mmca.features import TextEncoder
 
+    require_index_out(out, overwrite, inputs=(folder, checkpoint) + ((captions,) if captions else ()))
     ckpt = Path(checkpoint)
     model, spec, _ = load_model_and_spec(ckpt)
     opts = extraction_options(spec, grid, text_encoder, max_tokens, backbone, image_size)
