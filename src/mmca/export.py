@@ -23,6 +23,7 @@ from typing import Any
 
 from mmca.checkpoint import MODEL_DIR_FORMAT, checkpoint_spec, is_model_dir
 from mmca.errors import MmcaError
+from mmca.folders import mark
 from mmca.metrics import DIRECTIONS, RECALL_AT
 
 
@@ -79,6 +80,7 @@ def _write(out: Path, weights: dict, config: dict[str, Any]) -> None:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": MODEL_DIR_FORMAT})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(model_card(config), encoding="utf-8")
+        mark(tmp, "model")
         _readable(tmp)
         for f in tmp.iterdir():
             _fsync(f)

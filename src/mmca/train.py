@@ -1,7 +1,7 @@
 """Training: hardest-negative triplet loss through the engine's mine-then-recompute path,
 validation on dev after every epoch, best checkpoint by dev rsum, and exact resumption.
 
-A run directory holds `config.json`, `last.pt` (everything needed to resume, rewritten
+A run directory (marked as a `run`, mmca.folders) holds `config.json`, `last.pt` (everything needed to resume, rewritten
 atomically every `save_every_steps` steps and at each epoch end), `best.pt`, `log.csv` and
 `curves.png`. Data order depends only on (seed, epoch), and the RNG state is checkpointed,
 so a resumed run ends with the same weights as an uninterrupted one.
@@ -32,6 +32,7 @@ from mmca.engine.precision import PrecisionChoice, resolve_precision
 from mmca.errors import MmcaError
 from mmca.evaluate import evaluate
 from mmca.atomic import atomic_write_text
+from mmca.folders import mark, require_writable
 from mmca.model import MMCA
 
 LOG_FIELDS = ["epoch", "loss", "loss_kind", "lr", "train_s", "val_s",
@@ -109,6 +110,8 @@ class Trainer:
         self.spec.require_match(dev_set.spec, f"the {train_set.split} split", f"the {dev_set.split} split",
                                 "prepare both splits with the same --backbone, --image-size, --grid and --text-encoder")
         self.out_dir, self.device = Path(out_dir), torch.device(device)
+        if self.shard.main:
+            require_writable(self.out_dir, "run")  # an empty folder or a run, never a user's folder
         self.progress, self.log = progress, log
         self.last_path, self.best_path = self.out_dir / "last.pt", self.out_dir / "best.pt"
 
@@ -134,7 +137,7 @@ class Trainer:
                             "no item", "use at most --batch-size ranks")
         if not self.shard.main:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        mark(self.out_dir, "run")
         atomic_write_text(self.out_dir / "config.json", json.dumps(
             {**self.config.to_dict(), "feature_spec": self.spec.to_dict(), "mining": self.mining.to_dict()},
             indent=2))
