@@ -78,3 +78,23 @@ def lite_checkpoint(tmp_path_factory) -> Path:
     """A small random model whose spec says EfficientNet-Lite2 regions at 260 px."""
     return small_checkpoint(tmp_path_factory.mktemp("ckpt3") / "lite.pt", seed=0, backbone="efficientnet_lite2",
                             image_size=260)
+
+
+def _tree_digest(folder: Path) -> str:
+    """sha256 over every entry under `folder` (itself included): relative path, type, mode and
+    bytes, so any file added, removed, renamed, hidden or changed shows."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in [folder, *sorted(folder.rglob("*"))] if folder.is_dir() else [folder]:
+        st = path.lstat()
+        h.update(f"{path.relative_to(folder) if path != folder else '.'}\0{st.st_mode}\0".encode())
+        if path.is_file() and not path.is_symlink():
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def tree_digest():
+    """A function: the digest of a file or folder tree, to show a refused command left it as it was."""
+    return _tree_digest

@@ -42,8 +42,8 @@ def test_train_refuses_bad_options_before_any_work(capsys, tmp_path, flags, mess
 
 def test_train_refuses_an_out_that_is_a_file(capsys, tmp_path):
     (tmp_path / "taken").write_text("x")
-    code, err = run(capsys, "train", tmp_path, "--out", tmp_path / "taken")
-    assert code == 2 and "is a file, not a directory" in err
+    code, err = run(capsys, "train", tmp_path / "data", "--out", tmp_path / "taken")
+    assert code == 2 and "is a file, not a run folder" in err
 
 
 def test_index_limit_must_be_positive(capsys, tmp_path):

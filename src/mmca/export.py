@@ -25,6 +25,7 @@ from mmca.checkpoint import (MODEL_DIR_FORMAT, WEIGHTS_DIGEST, checkpoint_identi
                              is_model_dir, load_model, weights_metadata)
 from mmca.engine.guards import require_finite_weights
 from mmca.errors import MmcaError
+from mmca.folders import mark
 from mmca.metrics import DIRECTIONS, RECALL_AT
 from mmca.version import __version__
 
@@ -79,6 +80,7 @@ def _write(out: Path, weights: dict, config: dict[str, Any]) -> None:
         config = {**config, WEIGHTS_DIGEST: file_sha256(tmp / "model.safetensors")}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(model_card(config), encoding="utf-8")
+        mark(tmp, "model")
         _readable(tmp)
         for f in tmp.iterdir():
             _fsync(f)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
+import shutil
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -25,7 +28,8 @@ KINDS = ("run", "sample", "index", "model", "cache", "bench")
 # What each kind's folder held before markers: an unmarked folder is taken as a kind when it
 # holds one of that kind's signature files and nothing but the names (glob patterns) it writes.
 LEGACY: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "run": (("last.pt", "best.pt", "log.csv"), ("last.pt", "best.pt", "log.csv", "config.json", "prefix-epoch*.pt")),
+    "run": (("last.pt", "best.pt", "log.csv"),
+            ("last.pt", "best.pt", "log.csv", "config.json", "curves.png", "prefix-epoch*.pt", "eval-*.json")),
     "sample": (("results.json", "alpha0"), ("alpha0", "mmca", "model", "results.json")),
     "index": (("index.sqlite",), ("index.sqlite", "index.sqlite-*", "shards")),
     "model": (("model.safetensors",), ("config.json", "model.safetensors", "README.md")),
@@ -91,12 +95,12 @@ def require_writable(folder: str | Path, kind: str, *, inputs: tuple[str | Path,
     resolved = path.resolve()
     here = Path(os.getcwd()).resolve()
     if resolved == here or resolved in here.parents:
-        raise FolderError(f"{flag} {folder} is the current directory or one of its parents",
+        raise FolderError(f"{flag} {folder} is the current directory or one of its parents; it is left as it is",
                           f"give {flag} a new folder, e.g. {flag} ./{kind}")
     for given in inputs:
         source = Path(given).resolve()
         if resolved == source or resolved in source.parents or source in resolved.parents:
-            raise FolderError(f"{flag} {folder} overlaps the input {given}",
+            raise FolderError(f"{flag} {folder} overlaps the input {given}; it is left as it is",
                               f"give {flag} a folder outside {given}")
     if not path.exists() and not path.is_symlink():
         return resolved
@@ -109,3 +113,39 @@ def require_writable(folder: str | Path, kind: str, *, inputs: tuple[str | Path,
     what = f"a {found} folder" if found else describe(path)
     raise FolderError(f"{flag} {folder} is {what}, not a {kind} folder made by mmca; it is left as it is",
                       f"give {flag} a new or empty folder")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (signal 0 checks only)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by another user
+    return True
+
+
+def build_sibling(folder: Path, stage: str) -> Path:
+    """A hidden sibling of `folder` for a build in progress (`stage` "tmp": being written, "old":
+    the folder it replaces, moved aside), named with this process's id so that a later build can
+    tell a killed build's leftovers from a live one's."""
+    return folder.parent / f".{folder.name}.{stage}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def sweep_leftovers(folder: Path, kind: str) -> list[Path]:
+    """Remove the `build_sibling`s of `folder` whose process is gone and that are empty or carry
+    `kind`'s marker: what a killed build left behind, and nothing else. Returns what was removed."""
+    parent = folder.parent
+    if not parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(folder.name)}\.(?:tmp|old)-(\d+)-[0-9a-f]+")
+    removed = []
+    for path in parent.iterdir():
+        found = pattern.fullmatch(path.name)
+        if found is None or pid_alive(int(found.group(1))):
+            continue
+        if is_empty_dir(path) or kind_of(path) == kind:
+            shutil.rmtree(path, ignore_errors=True)  # one that cannot be removed does not stop a build
+            removed.append(path)
+    return removed

@@ -1,7 +1,7 @@
 """Training: hardest-negative triplet loss through the engine's mine-then-recompute path,
 validation on dev after every epoch, best checkpoint by dev rsum, and exact resumption.
 
-A run directory holds `config.json`, `last.pt` (everything needed to resume, rewritten
+A run directory (a folder of kind `run`, `mmca.folders`) holds `config.json`, `last.pt` (everything needed to resume, rewritten
 every `save_every_steps` steps and at each epoch end), `best.pt`, `log.csv` and `curves.png`.
 Data order depends only on (seed, epoch), and the RNG state is checkpointed, so a resumed run
 ends with the same weights as an uninterrupted one.
@@ -40,7 +40,7 @@ from mmca.engine.global_batch import average_gradients, global_mined_loss
 from mmca.engine.precision import PrecisionChoice, resolve_precision
 from mmca.errors import MmcaError
 from mmca.evaluate import evaluate
-from mmca.folders import MARKER, is_empty_dir, kind_of, mark
+from mmca.folders import MARKER, mark, require_writable
 from mmca.model import MMCA
 
 LOG_FIELDS = ["epoch", "loss", "loss_kind", "lr", "train_s", "val_s",
@@ -123,6 +123,8 @@ class Trainer:
         self.spec.require_match(dev_set.spec, f"the {train_set.split} split", f"the {dev_set.split} split",
                                 "prepare both splits with the same --backbone, --image-size, --grid and --text-encoder")
         self.out_dir, self.device = Path(out_dir), torch.device(device)
+        if self.shard.main:
+            require_writable(self.out_dir, "run")  # an empty folder or a run, never a user's folder
         self.progress, self.log = progress, log
         self.last_path, self.best_path = self.out_dir / "last.pt", self.out_dir / "best.pt"
 
@@ -158,13 +160,10 @@ class Trainer:
             self.log(f"hardest-negative mining in {self.mining.precision} ({self.mining.reason})")
 
     def _take_folder(self) -> None:
-        """Create or mark the run folder, and sweep the temporary files a kill left in it: only
-        in a folder that is new, empty or already a run (a user's folder is never swept)."""
+        """Create or mark the run folder (new, empty or a run: checked in __init__), and sweep
+        the temporary files a kill left in it."""
         folder = self.out_dir
-        ours = not folder.exists() or is_empty_dir(folder) or kind_of(folder) == "run"
         folder.mkdir(parents=True, exist_ok=True)
-        if not ours:
-            return
         if not (folder / MARKER).is_file():
             mark(folder, "run")
         for tmp in stale_temps(folder, RUN_FILES):

@@ -25,7 +25,10 @@ the spec is refused.
 
 An index is built in a hidden sibling directory and renamed into place when complete; --add
 writes a new shard and registers it in one SQLite transaction. An interrupted run leaves
-nothing that later runs trust. Searching with another checkpoint than the index's is refused.
+nothing that later runs trust, and the next build removes what a killed one left. --out must
+be new, an empty folder or (with --overwrite) an index: any other folder or file, the current
+directory and the input folder are refused and left as they are. Searching with another
+checkpoint than the index's is refused.
 """
 
 
@@ -43,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--add", nargs="*", type=Path, metavar="PATH", help="image files or folders to append to --index")
     p.add_argument("--storage", default=None, choices=["fp16", "fp32"], help="tensor storage (default: fp16)")
     add_feature_arguments(p, adopts=True)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out index")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out index (only an index)")
     p.add_argument("--json", action="store_true", help="print the index summary as JSON")
 
 

@@ -13,6 +13,7 @@ from mmca.cli.features import add_feature_arguments, feature_options
 from mmca.config import PRESETS, preset
 from mmca.dist import add_arguments as add_dist_arguments
 from mmca.dist import init_from_env
+from mmca.folders import mark, require_writable
 
 NAME = "sample"
 HELP = "the end-to-end job: prepare, train MMCA and the α = 0 ablation, evaluate, compare"
@@ -32,7 +33,8 @@ Run everything on DATASET_DIR (the README's main command runs it on the Flickr8k
   5. export the full model's best checkpoint to OUT/model (`mmca export`), ready for
      `mmca.load`, `mmca index --checkpoint` and `mmca evaluate --checkpoint`.
 
-Runs go to --out (default runs/sample): a finished run is reused, an interrupted one resumes.
+Runs go to --out (default runs/sample; new, empty, or a folder `mmca sample` made): a finished
+run is reused, an interrupted one resumes.
 """
 
 
@@ -74,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
         config = config.replace(mining_precision=args.mining_precision)
     features = feature_options(args)
     shard = init_from_env(args.device, args.dist_backend, args.dist_timeout)  # one shard without torchrun
+    if shard.main:  # before any feature is computed: new, empty, or a sample folder
+        require_writable(args.out, "sample", inputs=(args.dataset,) + ((args.cache,) if args.cache else ()))
+        mark(args.out, "sample")
     say = print if shard.main else (lambda *a, **k: None)
     progress = progress and shard.main
     train_set, dev_set = shard.main_first(lambda: (  # rank 0 fills the feature cache first

@@ -11,6 +11,7 @@ from mmca.config import PRESETS, preset
 from mmca.dist import add_arguments as add_dist_arguments
 from mmca.dist import init_from_env
 from mmca.errors import MmcaError
+from mmca.folders import require_writable
 
 NAME = "train"
 HELP = "train a model (hardest-negative triplet loss, best checkpoint by dev rsum)"
@@ -58,10 +59,10 @@ OVERRIDES = {
 }
 
 
-def check_run_dir(out: Path) -> None:
-    """The run directory must be a directory we can write, or creatable."""
-    if out.exists() and not out.is_dir():
-        raise MmcaError(f"--out {out} is a file, not a directory", "choose a directory for the run")
+def check_run_dir(out: Path, inputs: tuple[Path, ...]) -> None:
+    """The run directory must be new, an empty folder or a run folder, outside the inputs, and
+    writable: a user's folder or an exported model directory is refused and left as it is."""
+    require_writable(out, "run", inputs=inputs)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -79,7 +80,7 @@ ALIASES = {"--d": ("--hidden", "--d")}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", type=Path, metavar="DATASET_DIR")
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="training recipe (default: cpu)")
-    p.add_argument("--out", type=Path, required=True, help="run directory (created)")
+    p.add_argument("--out", type=Path, required=True, help="run directory: new, empty, or a run (with --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--init-from", type=Path, help="start from this checkpoint's weights (e.g. an α = 0 run)")
     p.add_argument("--train-split", default="train")
@@ -105,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     config = preset(args.preset).replace(**changes)
     shard = init_from_env(args.device, args.dist_backend, args.dist_timeout)  # one shard without torchrun
     if shard.main:
-        check_run_dir(args.out)  # before any feature is computed
+        inputs = tuple(p for p in (args.dataset, args.cache, args.init_from) if p is not None)
+        check_run_dir(args.out, inputs)  # before any feature is computed
     # a resumed run, or one initialised from a checkpoint, adopts that checkpoint's features
     adopted = args.out / "last.pt" if args.resume and (args.out / "last.pt").is_file() else args.init_from
     features = feature_options(args, checkpoint_feature_spec(adopted) if adopted else None)

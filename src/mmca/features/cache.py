@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from mmca.errors import MmcaError
+from mmca.folders import is_empty_dir, mark, pid_alive
 from mmca.version import __version__
 
 FORMAT = 1  # bump when the layout of an entry changes: older entries are then rebuilt
@@ -66,7 +67,15 @@ def dataset_dir(cache_dir: Path, root: Path) -> Path:
             f"cache directory {cache_dir} is inside the dataset folder {root}",
             "mmca never writes into a dataset folder: choose a cache directory outside it",
         )
+    claim_cache_dir(cache_dir)
     return cache_dir / f"{root.name}-{digest(str(root))[:8]}"
+
+
+def claim_cache_dir(cache_dir: Path) -> None:
+    """A cache folder mmca creates (or finds empty) carries the `cache` marker, so no other
+    command takes it for a folder of its own; a folder with a user's files in it stays unmarked."""
+    if not cache_dir.exists() or is_empty_dir(cache_dir):
+        mark(cache_dir, "cache")
 
 
 def load_manifest(entry: Path, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -100,16 +109,6 @@ def allocate_array(folder: Path, name: str, shape: tuple[int, ...], dtype: Any =
     return path
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, owned by another user
-    return True
-
-
 def clean_leftovers(folder: Path) -> None:
     """Remove temporary directories whose building process is gone (killed, crashed)."""
     if not folder.is_dir():
@@ -119,7 +118,7 @@ def clean_leftovers(folder: Path) -> None:
         if marker is None:
             continue
         pid = path.name.rsplit(marker, 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -17,7 +17,7 @@ from mmca.errors import CheckpointError, DataError, MmcaError
 from mmca.data.spec import FeatureSpec
 from mmca.features.options import extraction_options, image_backbone
 from mmca.features.images import list_images, require_images
-from mmca.search.index import STORAGE, GalleryIndex, IndexWriter
+from mmca.search.index import STORAGE, GalleryIndex, IndexWriter, require_index_out
 
 
 def _check_dims(model, img_dim: int, txt_dim: int, ckpt: Path) -> None:
@@ -93,6 +93,7 @@ def build_from_dataset(out: str | Path, checkpoint: str | Path, root: str | Path
     captions only."""
     from mmca.features import prepare_split
 
+    require_index_out(out, overwrite, inputs=(root, checkpoint))  # before any feature is computed
     ckpt = Path(checkpoint)
     model, spec, _ = load_model_and_spec(ckpt)
     opts = extraction_options(spec, grid, text_encoder, max_tokens, backbone, image_size)
@@ -142,6 +143,7 @@ def build_from_folder(out: str | Path, checkpoint: str | Path, folder: str | Pat
     plain lines) or the folder's captions.tsv."""
     from mmca.features import TextEncoder
 
+    require_index_out(out, overwrite, inputs=(folder, checkpoint) + ((captions,) if captions else ()))
     ckpt = Path(checkpoint)
     model, spec, _ = load_model_and_spec(ckpt)
     opts = extraction_options(spec, grid, text_encoder, max_tokens, backbone, image_size)

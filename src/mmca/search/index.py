@@ -13,7 +13,10 @@ Per image the index holds the cross unit's per-item parts of the engine (`ImageB
 projected regions R, i0 and the Q/K/V and region-region softmax statistics, so a search runs
 no image-side network at all; the arrays are opened memory-mapped.
 
-Writes are atomic. A new index is built in a hidden sibling directory and renamed into place.
+Writes are atomic. A new index is built in a hidden sibling directory (`.NAME.tmp-PID-…`,
+marked as an index from its first moment) and renamed into place; the next build of the same
+index removes such siblings whose process is gone. An index folder carries the `index` marker
+(mmca.folders), and only an index is ever replaced (`--overwrite`).
 `--add` writes its shard directory under a temporary name, renames it, then registers it in
 one SQLite transaction: the transaction is the commit point, and a shard directory that no
 committed row names is never read (and is removed by the next writer).
@@ -39,6 +42,7 @@ from mmca.checkpoint import checkpoint_identity
 from mmca.data.spec import ARRAYS, PRECOMP, FeatureSpec
 from mmca.errors import CheckpointError, DataError, MmcaError
 from mmca.features.options import extraction_options
+from mmca.folders import build_sibling, kind_of, mark, require_writable, sweep_leftovers
 
 FORMAT = "mmca-index-v1"
 DB = "index.sqlite"
@@ -272,6 +276,17 @@ class GalleryIndex:
 # ---------------------------------------------------------------------------- writing
 
 
+def require_index_out(out: str | Path, overwrite: bool, inputs: Sequence[str | Path] = ()) -> None:
+    """`out` may become a new index: it does not exist, is an empty folder, or is an index
+    (replaced only with `overwrite`). Anything else (a user's folder or file, the working
+    directory, an input, another kind of mmca folder) is refused and left as it is."""
+    out = Path(out)
+    require_writable(out, "index", inputs=tuple(inputs))
+    if kind_of(out) == "index" and not overwrite:
+        raise MmcaError(f"index {out} already exists",
+                        "pass --add to append images to it, --overwrite to replace it, or another --out")
+
+
 class IndexWriter:
     """Creates an index (in a temporary sibling, renamed into place on `commit`) or appends
     shards to an existing one (each registered in one SQLite transaction)."""
@@ -280,12 +295,11 @@ class IndexWriter:
         self.final = Path(path)
         self.new = meta is not None
         if self.new:
-            if self.final.exists() and not overwrite:
-                raise MmcaError(f"{self.final} already exists",
-                                "pass --add to append images to it, --overwrite to replace it, or another --out")
+            require_index_out(self.final, overwrite)
             self.final.parent.mkdir(parents=True, exist_ok=True)
-            self.root = self.final.parent / f".{self.final.name}.tmp-{secrets.token_hex(4)}"
-            self.root.mkdir()
+            sweep_leftovers(self.final, "index")
+            self.root = build_sibling(self.final, "tmp")
+            mark(self.root, "index")  # first: a killed build leaves a folder the next one knows as its own
             (self.root / "shards").mkdir()
             self.con = sqlite3.connect(self.root / DB)
             self.con.executescript(_SCHEMA)
@@ -379,8 +393,9 @@ class IndexWriter:
         self.con.close()
         if self.new:
             old = None
-            if self.final.exists():  # --overwrite: move the old one aside, then swap
-                old = self.final.parent / f".{self.final.name}.old-{secrets.token_hex(4)}"
+            if self.final.exists():  # --overwrite: checked again, then the old one moved aside and swapped
+                require_writable(self.final, "index")
+                old = build_sibling(self.final, "old")
                 os.replace(self.final, old)
             os.replace(self.root, self.final)
             _fsync_dir(self.final.parent)
