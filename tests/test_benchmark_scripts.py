@@ -31,3 +31,15 @@ def test_train_step_profiles_and_compares_a_real_step(tmp_path):
     assert result["phases"]["recomputed_pairs"] > 0 and result["ab"]["against"] == "plain"
     assert 0 <= result["bf16_error"]["max"] < result["bf16_error"]["engine_bound"]
     assert "plain step time / default step time" in done.stdout
+
+
+def test_digest_benchmark_times_cold_and_warm_passes(tmp_path):
+    photos = tmp_path / "images"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"{i}.jpg").write_bytes(bytes([i]) * 1000)
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "digests.py"), str(photos)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "3 files" in done.stdout and "cold from disk" in done.stdout and "warm (stored digests)" in done.stdout
+    assert sorted(p.name for p in photos.iterdir()) == ["0.jpg", "1.jpg", "2.jpg"]

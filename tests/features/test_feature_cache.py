@@ -86,8 +86,73 @@ def test_changed_setting_or_input_rebuilds_only_its_side(make_dataset, tmp_path:
 
     image = root / "images" / edited.dataset.image_ids[0]
     os.utime(image, ns=(time.time_ns(), time.time_ns()))
+    assert _built(_prepare(root, store)) == []  # identity is the content: a touched photo is the same photo
+    image.write_bytes(image.read_bytes() + b"\0")  # bytes after a JPEG's end: other content, same pixels
     assert _built(_prepare(root, store)) == ["images"]
     assert _built(_prepare(root, store, force=True)) == ["images", "text"]
+
+
+def _same_size(a: Path, b: Path) -> None:
+    """Pad the smaller JPEG with bytes after its end marker (decoders ignore them)."""
+    size = max(a.stat().st_size, b.stat().st_size)
+    for path in (a, b):
+        path.write_bytes(path.read_bytes().ljust(size, b"\0"))
+
+
+def test_swapped_photos_with_their_mtimes_kept_are_re_extracted(make_dataset, tmp_path: Path) -> None:
+    root, store = make_dataset(4), tmp_path / "cache"
+    ids = (root / "splits" / "dev.txt").read_text().split()
+    a, b = root / "images" / ids[0], root / "images" / ids[1]
+    _same_size(a, b)
+    os.utime(b, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns))
+    before = _prepare(root, store).dataset.image_features
+    first, second = np.array(before[0]), np.array(before[1])
+    seen = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in (a, b)]
+
+    swap = a.with_name("swap")
+    os.replace(a, swap)
+    os.replace(b, a)
+    os.replace(swap, b)
+    for path, (_, _, mtime) in zip((a, b), seen):
+        os.utime(path, ns=(mtime, mtime))
+    assert [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in (a, b)] == seen  # names, sizes, mtimes: all as before
+
+    after = _prepare(root, store)
+    assert _built(after) == ["images"]
+    np.testing.assert_array_equal(after.dataset.image_features[0], second)
+    np.testing.assert_array_equal(after.dataset.image_features[1], first)
+
+
+def test_a_photo_rewritten_in_place_is_read_again(tmp_path: Path) -> None:
+    """Same name, size, mtime and inode, other bytes: the changed ctime makes it read again."""
+    folder, store = tmp_path / "photos", tmp_path / "digests.json"
+    folder.mkdir()
+    photo = folder / "a.jpg"
+    photo.write_bytes(b"first")
+    mtime = photo.stat().st_mtime_ns
+    first = cache.content_fingerprint(folder, ["a.jpg"], store)
+    inode = photo.stat().st_ino
+    with open(photo, "r+b") as fh:
+        fh.write(b"other")
+    os.utime(photo, ns=(mtime, mtime))
+    assert (photo.stat().st_ino, photo.stat().st_size, photo.stat().st_mtime_ns) == (inode, 5, mtime)
+    assert cache.content_fingerprint(folder, ["a.jpg"], store) != first
+
+
+def test_digests_are_kept_for_settled_files_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A digest is reused only under the stat it was computed with, and only for a file whose
+    last change is older than a clock tick (so a same-tick rewrite cannot keep a stale one)."""
+    folder, store = tmp_path / "photos", tmp_path / "digests.json"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"photo")
+    cache.content_fingerprint(folder, ["a.jpg"], store)
+    assert json.loads(store.read_text())["files"]["a.jpg"][0] is None  # just written: not kept
+    monkeypatch.setattr(cache, "RACY_NS", 0)  # (the file is treated as settled; its ctime cannot be aged)
+    fingerprint = cache.content_fingerprint(folder, ["a.jpg"], store)
+    stat, sha = json.loads(store.read_text())["files"]["a.jpg"]
+    assert stat[0] == 5 and sha == cache.file_digest(folder / "a.jpg")
+    monkeypatch.setattr(cache, "file_digest", lambda path: pytest.fail(f"{path} was read again"))
+    assert cache.content_fingerprint(folder, ["a.jpg"], store) == fingerprint
 
 
 def test_each_backbone_and_input_size_has_its_own_entry_and_spec(make_dataset, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from mmca.atomic import atomic_write_text
 from mmca.errors import MmcaError
 from mmca.folders import is_empty_dir, mark, pid_alive
 from mmca.version import __version__
@@ -28,6 +29,7 @@ from mmca.version import __version__
 FORMAT = 1  # bump when the layout of an entry changes: older entries are then rebuilt
 MANIFEST = "manifest.json"
 _TEMP, _OLD = ".tmp-", ".old-"
+RACY_NS = 2_000_000_000  # a file's stat is trusted for its digest only once it is this old
 
 
 def default_cache_dir() -> Path:
@@ -49,12 +51,52 @@ def as_json(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def files_fingerprint(root: Path, names: Iterable[str], subdir: str) -> str:
-    """Identity of files by name, size and mtime: stat only, so a warm check takes milliseconds."""
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes."""
     h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stat_key(path: Path, now_ns: int) -> list[int] | None:
+    """What changes when a file is rewritten, replaced or renamed over: size, mtime, ctime and
+    inode (a program can restore the mtime, but not the ctime). None for a file changed in the
+    last `RACY_NS`: a change within the same clock tick could keep its ctime, so its digest is
+    not kept for the next check."""
+    st = path.stat()
+    if st.st_ctime_ns > now_ns - RACY_NS:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _read_digests(store: Path) -> dict[str, Any]:
+    try:
+        known = json.loads(store.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) and known.get("format") == FORMAT else {}
+
+
+def content_fingerprint(folder: Path, names: Iterable[str], store: Path, recheck: bool = False) -> str:
+    """Identity of files by content: the sha256 of each file's bytes, read once and kept in
+    `store` with the file's stat, so a warm check reads no file; a file whose stat changed
+    (or every file, with `recheck`) is read again. Names and digests, in order, are hashed."""
+    known = {} if recheck else _read_digests(store).get("files", {})
+    files: dict[str, list[Any]] = {}
+    h = hashlib.sha256()
+    now = time.time_ns()
     for name in names:
-        st = (root / subdir / name).stat()
-        h.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        path = folder / name
+        stat = _stat_key(path, now)
+        old = known.get(name)
+        fresh = stat is not None and isinstance(old, list) and len(old) == 2 and old[0] == stat
+        sha = old[1] if fresh else file_digest(path)
+        files[name] = [stat, sha]
+        h.update(f"{name}\t{sha}\n".encode())
+    if files != known:
+        atomic_write_text(store, json.dumps({"format": FORMAT, "files": files}) + "\n")
     return h.hexdigest()
 
 

@@ -32,6 +32,7 @@ from mmca.features.text_encoder import TextEncoder
 # Items each worker process must get to repay its start-up of a few seconds (parallel.py).
 IMAGES_PER_WORKER = 500
 CAPTIONS_PER_WORKER = 2500
+DIGESTS = "image-digests.json"  # per split: the sha256 of each photo, read once (cache.content_fingerprint)
 
 
 @dataclass
@@ -190,7 +191,9 @@ def _image_entry(
     key = {
         "backbone": backbone.describe(),
         "split": source.split,
-        "images": cache.files_fingerprint(source.root, source.image_ids, "images"),
+        "images": cache.content_fingerprint(
+            source.root / "images", source.image_ids, folder / f"{source.split}.{DIGESTS}", recheck=build.force
+        ),
     }
     path, manifest = _entry(folder, source, kind, settings, key, build)
     reused = manifest is not None
