@@ -167,7 +167,7 @@ def test_a_gallery_of_another_model_is_refused(retriever, other_checkpoint, imag
 
 
 def test_model_directory_holds_config_weights_and_card(model_dir, checkpoint):
-    assert sorted(p.name for p in model_dir.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in model_dir.iterdir()) == [".mmca-folder.json", "README.md", "config.json", "model.safetensors"]
     config = json.loads((model_dir / "config.json").read_text())
     assert config["format"] == "mmca-model-dir-v1" and config["feature_spec"]["image"]["grid"] == 6
     assert config["mmca_version"] == mmca.__version__ and config["command"] == "pytest"

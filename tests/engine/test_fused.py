@@ -75,27 +75,38 @@ from test_fused import CONFIG, ENGINE
 torch.manual_seed(0)
 model = MMCA(CONFIG).eval()
 regions, tokens, mask, ci = make_gallery(CONFIG, ties=False)
-eng = ScoringEngine(model, **ENGINE)  # the default switch: fused where warm
+eng = ScoringEngine(model, **ENGINE)  # MMCA_FUSED_KERNEL decides
 s = eng.full_scores(eng.image_bank(regions), eng.text_bank((tokens, mask)))
 print(json.dumps({"hits": counters["inductor"]["fxgraph_cache_hit"],
                   "misses": counters["inductor"]["fxgraph_cache_miss"], "scores": s.tolist()}))
 """
 
 
-def test_a_new_process_loads_the_warm_kernel_from_disk(fused_setup):
-    _, fused, _, (images, texts), _, cache = fused_setup
-    want = fused.full_scores(images, texts)
-    markers = list((cache / "inductor" / torch.__version__ / "warm").glob("*.json"))
-    assert len(markers) == 1 and json.loads(markers[0].read_text())["pairs"] == 16
+def test_a_new_process_loads_the_warm_kernel_from_disk(fused_setup, tmp_path):
+    """One process compiles into an empty kernel cache, the next loads it: both run in fresh
+    processes, since inductor's cache folder is fixed by a process's first compile."""
+    _, fused, _, (images, texts), _, _ = fused_setup
     root = Path(__file__).resolve().parents[2]
     path = os.pathsep.join([str(root / "src"), str(root / "tests" / "engine")])
-    env = dict(os.environ, MMCA_CACHE_DIR=str(cache), PYTHONPATH=path)
-    env.pop("MMCA_FUSED_KERNEL", None)
-    res = subprocess.run([sys.executable, "-c", WARM_CHILD], capture_output=True, text=True, env=env, cwd=root)
-    assert res.returncode == 0, res.stderr[-2000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["hits"] >= 1 and out["misses"] == 0  # loaded, not compiled again
-    assert torch.equal(torch.tensor(out["scores"]), want)  # and the same floats
+    env = dict(os.environ, MMCA_CACHE_DIR=str(tmp_path), PYTHONPATH=path)
+
+    def child(mode: str | None) -> dict:
+        run_env = {k: v for k, v in env.items() if k != "MMCA_FUSED_KERNEL"}
+        if mode:
+            run_env["MMCA_FUSED_KERNEL"] = mode
+        res = subprocess.run([sys.executable, "-c", WARM_CHILD], capture_output=True, text=True, env=run_env,
+                             cwd=root)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    cold = child("on")  # compiles and marks the shape warm
+    markers = list((tmp_path / "inductor" / torch.__version__ / "warm").glob("*.json"))
+    assert len(markers) == 1 and json.loads(markers[0].read_text())["pairs"] == 16
+    assert cold["misses"] >= 1
+    warm = child(None)  # the default switch: fused where warm
+    assert warm["hits"] >= 1 and warm["misses"] == 0  # loaded, not compiled again
+    assert torch.equal(torch.tensor(warm["scores"]), torch.tensor(cold["scores"]))  # and the same floats
+    assert torch.allclose(torch.tensor(warm["scores"]), fused.full_scores(images, texts), atol=1e-6, rtol=0)
 
 
 def test_the_switch_refuses_an_unknown_mode(monkeypatch):

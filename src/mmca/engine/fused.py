@@ -84,7 +84,8 @@ class FusedKernel:
 
     def __init__(self, mode: str | None = None, cache_dir: Path | None = None):
         self.mode = fused_mode(mode)
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else kernel_cache_dir()
+        wanted = Path(cache_dir) if cache_dir is not None else kernel_cache_dir()
+        self.cache_dir = _in_effect or wanted  # one cache per process: see use_cache_dir
         self._compiled = None
         self._warm: set[str] = set()  # shapes compiled in this process
         self._ready: dict[BlockShape, bool] = {}
@@ -118,7 +119,7 @@ class FusedKernel:
 
     def _kernel(self):
         if self._compiled is None:
-            use_cache_dir(self.cache_dir)
+            self.cache_dir = use_cache_dir(self.cache_dir)
             self._compiled = torch.compile(cross_dots, dynamic=False, fullgraph=True)
             # torch.compile has imported dynamo: allow one compile per block shape
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
@@ -136,14 +137,24 @@ class FusedKernel:
             pass
 
 
-def use_cache_dir(path: Path) -> None:
+_in_effect: Path | None = None
+
+
+def use_cache_dir(path: Path) -> Path:
     """Point inductor's on-disk caches (FX graphs, AOT autograd, the compiled C++) at `path`,
-    before the first compile. Set through inductor's environment variables (read at compile
-    time), so that importing the engine does not import the compiler."""
-    path.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
-    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    before the first compile, and return the folder in effect. Set through inductor's
+    environment variables (read at compile time), so that importing the engine does not import
+    the compiler. Only the first call of a process decides: dynamo keeps what it compiled in
+    memory, so a later compile of a shape already met writes nothing to another folder, and a
+    shape marked warm there would be a false promise."""
+    global _in_effect
+    if _in_effect is None:
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+        os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+        os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+        _in_effect = path
+    return _in_effect
 
 
 __all__ = ["BlockShape", "FusedKernel", "FusedKernelError", "MODES", "fused_mode", "kernel_cache_dir"]
