@@ -40,6 +40,7 @@ from mmca.engine.global_batch import average_gradients, global_mined_loss
 from mmca.engine.precision import PrecisionChoice, resolve_precision
 from mmca.errors import MmcaError
 from mmca.evaluate import evaluate
+from mmca.extras import missing
 from mmca.folders import MARKER, mark, require_writable
 from mmca.model import MMCA
 
@@ -404,7 +405,8 @@ class Trainer:
         writer.writeheader()
         writer.writerows(self.state.history)
         atomic_write_text(self.out_dir / "log.csv", rows.getvalue())
-        plot_curves(self.state.history, self.out_dir / "curves.png")
+        if not missing("plots"):  # the plot is a convenience: log.csv holds the same numbers
+            plot_curves(self.state.history, self.out_dir / "curves.png")
 
 
 def prefix_config(config: TrainConfig) -> TrainConfig:
@@ -416,7 +418,7 @@ def prefix_config(config: TrainConfig) -> TrainConfig:
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
-    """Loss and dev rsum per epoch, side by side."""
+    """Loss and dev rsum per epoch, side by side (the `plots` extra: matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from mmca.cli.features import port_number
+from mmca.extras import require_extra
 
 NAME = "serve"
 HELP = "serve a web page to search an index by sentence or by image (localhost)"
@@ -30,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_extra("serve", "mmca serve")
     import uvicorn
 
     from mmca.search import Searcher
