@@ -35,6 +35,7 @@ from mmca.engine.heatmap import token_heatmap
 from mmca.errors import ConfigError, DataError, MmcaError
 from mmca.features.images import list_images, require_images
 from mmca.features.options import extraction_options
+from mmca.features.sentences import is_unicode_text, wordless
 
 if TYPE_CHECKING:
     from mmca.search import Searcher
@@ -93,10 +94,7 @@ class Retriever:
                  precision: str = "auto", source: str | None = None, text_encoder: str | Path | None = None):
         if precision not in CHOICES:
             raise ConfigError(f"precision must be one of {', '.join(CHOICES)}, not {precision!r}")
-        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise MmcaError(f"device {device} asked for, but this PyTorch sees no CUDA device",
-                            "use device='cpu', or install a CUDA build of PyTorch")
+        device = _device(device)
         self.choice = resolve_precision(precision, device, exact=True)
         self.model = model.to(device).eval()
         self.spec, self.device, self.source = spec, device, source
@@ -175,8 +173,7 @@ class Retriever:
         return self._image_gallery(regions, names, paths)
 
     def _check_regions(self, regions: np.ndarray | torch.Tensor) -> torch.Tensor:
-        if isinstance(regions, np.ndarray) and not np.issubdtype(regions.dtype, np.number):
-            raise DataError(f"region features of dtype {regions.dtype}; numbers expected")
+        _require_real(regions)
         x = torch.as_tensor(regions).float().cpu()
         if x.dim() == 2:
             x = x[None]
@@ -199,7 +196,7 @@ class Retriever:
             if isinstance(photo, Path):
                 backbone.extract_files([photo], out[i:i + 1])
             else:
-                rgb = torch.from_numpy(backbone.fit_photo(photo)).permute(2, 0, 1)[None]
+                rgb = torch.from_numpy(backbone.fit_photo(_decoded(photo, i))).permute(2, 0, 1)[None]
                 out[i] = backbone.extract_grid(rgb).float().numpy()[0]
         return torch.from_numpy(out)
 
@@ -223,7 +220,15 @@ class Retriever:
                 raise DataError(f"sentence {j} is a {type(t).__name__}, not a string", "pass strings only")
             if not t.strip():
                 raise DataError(f"sentence {j} is empty", "remove empty sentences (they carry no query)")
+            if not is_unicode_text(t):
+                raise DataError(f"sentence {j} is not valid Unicode text (it holds a lone surrogate)",
+                                "pass text decoded from UTF-8 (e.g. bytes.decode('utf-8'))")
         ids, _ = self.text_encoder.tokenize(texts)
+        empty = wordless(ids, self.text_encoder.tokenizer)
+        if empty:
+            which = f"sentence {empty[0]} has" if len(empty) == 1 else f"sentences {', '.join(map(str, empty[:5]))} have"
+            raise DataError(f"{which} no visible characters (only control, zero-width or space characters)",
+                            "remove them (they carry no query)")
         tokens = self.text_encoder.encode_ids(ids, progress=progress)
         return TextGallery(self.engine.text_bank(tokens), texts, tokens, ids, self.owner)
 
@@ -297,6 +302,49 @@ class Retriever:
         texts = self.encode_texts([sentence])
         return token_heatmap(self.engine, self.text_encoder.tokenizer, texts.ids[0], texts.tokens, texts.bank,
                              images.bank, index)
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    """The device asked for (default: cuda if there is one), checked to exist and to be usable
+    by this PyTorch before any model is moved to it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device {device!r} is not a device PyTorch knows",
+                          "use 'cpu', 'cuda' or 'cuda:N'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {dev} asked for, but this PyTorch sees no CUDA device",
+                          "use device='cpu', or install a CUDA build of PyTorch")
+    try:
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError) as err:  # a missing ordinal (cuda:7), a backend not built in
+        raise ConfigError(f"device {dev} cannot be used here: {str(err).splitlines()[0]}",
+                          "use 'cpu', or a device this machine has") from err
+    return dev
+
+
+def _require_real(regions: np.ndarray | torch.Tensor) -> None:
+    """Region features are real numbers: complex ones would lose their imaginary part in the
+    cast to float, and bools or objects are not features."""
+    if isinstance(regions, np.ndarray):
+        ok = regions.dtype.kind in "iuf"
+    else:
+        ok = not regions.is_complex() and regions.dtype != torch.bool
+    if not ok:
+        raise DataError(f"region features of dtype {regions.dtype}; real numbers expected",
+                        "pass float (or integer) region features")
+
+
+def _decoded(photo: Image.Image, i: int) -> Image.Image:
+    """A PIL image's pixels, decoded now: a truncated or corrupt file is a clean error."""
+    try:
+        photo.load()
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"image {i} (a PIL image) cannot be decoded: {err}",
+                        "pass a complete image file, or open it again from an intact copy") from err
+    return photo
 
 
 def _integer(x: Any, name: str) -> int:

@@ -239,6 +239,19 @@ def results_name(split: str, result: EvaluationResult) -> str:
     return "eval-" + "-".join(parts) + ".json"
 
 
+def require_results_file(path: str | Path) -> Path:
+    """`--out` names the JSON file to write: checked before any work, so that a folder (or a
+    path under a file) is a clean error, not one after the whole evaluation has run."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"--out {path} is a folder; it takes the path of the JSON results file",
+                        f"pass a file path, e.g. --out {path / 'eval.json'}")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise DataError(f"--out {path}: {parent} is a file, not a folder", "pass a path in a folder")
+    return path
+
+
 def write_results(path: str | Path, result: EvaluationResult, **provenance: Any) -> Path:
     """Write the result, the mmca version and `provenance` (checkpoint, dataset root, ...) as
     JSON, atomically: a crash never leaves a truncated file."""

@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,7 +33,7 @@ from mmca.atomic import atomic_write, atomic_write_text, stale_temps
 from mmca.checkpoint import checkpoint_spec, read_checkpoint, save_checkpoint
 from mmca.config import TrainConfig
 from mmca.data.dataset import RetrievalDataset
-from mmca.data.identity import SplitIdentity
+from mmca.data.identity import SplitIdentity, shared_images
 from mmca.dist import Shard
 from mmca.engine import mined_loss
 from mmca.engine.bank import pad_tokens
@@ -120,6 +121,8 @@ class Trainer:
                             "open the split with mirror=True (the CLI does), or turn mirror_images off")
         self.train_set, self.dev_set = train_set, dev_set
         self.data = {"train": SplitIdentity.of(train_set), "val": SplitIdentity.of(dev_set)}
+        if self.shard.main:
+            _warn_if_shared(train_set, dev_set)
         self.spec = train_set.spec.with_mirror(self.config.mirror_images)
         self.spec.require_match(dev_set.spec, f"the {train_set.split} split", f"the {dev_set.split} split",
                                 "prepare both splits with the same --backbone, --image-size, --grid and --text-encoder")
@@ -407,6 +410,16 @@ class Trainer:
         atomic_write_text(self.out_dir / "log.csv", rows.getvalue())
         if not missing("plots"):  # the plot is a convenience: log.csv holds the same numbers
             plot_curves(self.state.history, self.out_dir / "curves.png")
+
+
+def _warn_if_shared(train_set: RetrievalDataset, dev_set: RetrievalDataset) -> None:
+    """Images in both splits make the dev recalls, and the best epoch chosen by them, measure
+    memory rather than retrieval: said once, at the start."""
+    shared = shared_images(train_set, dev_set)
+    if shared:
+        warnings.warn(f"the {train_set.split} and {dev_set.split} splits share {shared} image(s) (of "
+                      f"{train_set.num_images} and {dev_set.num_images}): their dev recalls are of images "
+                      f"the model trained on; remove them from one of the split lists", stacklevel=3)
 
 
 def prefix_config(config: TrainConfig) -> TrainConfig:

@@ -24,7 +24,9 @@ the spec is refused.
   mmca index --index DIR --add photo.jpg more/ [--captions FILE]     append, no rebuild
 
 An index is built in a hidden sibling directory and renamed into place when complete; --add
-writes a new shard and registers it in one SQLite transaction. An interrupted run leaves
+writes a new shard and registers it in one SQLite transaction; an image it already holds (by
+resolved path) or a caption it holds is skipped, checked again under the write lock, so
+repeated and concurrent --add runs store each once. An interrupted run leaves
 nothing that later runs trust, and the next build removes what a killed one left. --out must
 be new, an empty folder or (with --overwrite) an index: any other folder or file, the current
 directory and the input folder are refused and left as they are. Searching with another

@@ -35,16 +35,18 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from mmca.search import Searcher
-    from mmca.search.server import create_app
+    from mmca.search.server import create_app, listen, url
 
-    searcher = Searcher(args.index, args.checkpoint)
-    app = create_app(searcher, host=args.host)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"mmca serve: warning: bound to {args.host}: anyone who can reach this machine can search "
-              "the index and see its photos", flush=True)
-    print("mmca serve: warming up (models loaded, one query of each kind)...", flush=True)
-    seconds = searcher.warm_up()
-    print(f"mmca serve: {searcher.index.num_images} images, {len(searcher.index.captions)} captions; "
-          f"ready in {seconds:.1f} s: http://{args.host}:{args.port}/", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    sock = listen(args.host, args.port)  # a busy port fails here, before the model is loaded
+    with sock:
+        searcher = Searcher(args.index, args.checkpoint)
+        app = create_app(searcher, host=args.host)
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"mmca serve: warning: bound to {args.host}: anyone who can reach this machine can search "
+                  "the index and see its photos", flush=True)
+        print("mmca serve: warming up (models loaded, one query of each kind)...", flush=True)
+        seconds = searcher.warm_up()
+        print(f"mmca serve: {searcher.index.num_images} images, {len(searcher.index.captions)} captions; "
+              f"ready in {seconds:.1f} s: {url(sock)}", flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from mmca.data.dataset import RetrievalDataset
@@ -54,3 +55,18 @@ def content_digest(dataset: RetrievalDataset) -> str:
 def _shown(name: str, value: Any) -> str:
     """A value for a message; a digest cut to its first 12 characters."""
     return repr(f"{value[:12]}…") if name == "digest" else repr(value)
+
+
+def shared_images(a: RetrievalDataset, b: RetrievalDataset) -> int:
+    """How many images two splits both hold: the same photo file (the images-folder layout,
+    paths resolved) or the same image id (a precomp layout's `{split}_ids.txt`). Splits whose
+    ids are only their row numbers share no identity to compare: 0."""
+    return len(_image_keys(a) & _image_keys(b))
+
+
+def _image_keys(dataset: RetrievalDataset) -> set[str]:
+    if dataset.image_paths is not None:
+        return {str(Path(p).resolve()) for p in dataset.image_paths}
+    if dataset.image_ids == [str(i) for i in range(dataset.num_images)]:  # row numbers, not identities
+        return set()
+    return set(dataset.image_ids)

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from mmca.checkpoint import load_model, load_model_and_spec
 from mmca.data.dataset import TokenFeatures
 from mmca.checkpoint import checkpoint_identity
 from mmca.engine import ScoringEngine
+from mmca.engine.bank import ImageBank
 from mmca.errors import CheckpointError, DataError, MmcaError
 from mmca.data.spec import FeatureSpec
 from mmca.features.options import extraction_options, image_backbone
@@ -170,10 +172,50 @@ def build_from_folder(out: str | Path, checkpoint: str | Path, folder: str | Pat
     return GalleryIndex(out)
 
 
+def _unique_images(images: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
+    """The image files named (files, or folders of images), resolved, each once in the order
+    first named -> (files, the resolved paths given)."""
+    files: dict[Path, None] = {}
+    roots: list[Path] = []
+    for p in images:
+        p = Path(p).resolve()
+        if p.is_dir():
+            files.update(dict.fromkeys(list_images(p)))
+        elif p.is_file():
+            files[p] = None
+        else:
+            raise DataError(f"image not found: {p}", "pass existing image files or folders")
+        roots.append(p)
+    return list(files), roots
+
+
+def _select_images(bank: ImageBank, rows: list[int]) -> ImageBank:
+    index = torch.as_tensor(rows, dtype=torch.long)
+    return ImageBank(**{f: getattr(bank, f)[index] for f in ImageBank.FIELDS})
+
+
+def _fresh_captions(w: IndexWriter, texts: list[str], image_names: list[str | None]) -> tuple[list[int], list[int | None]]:
+    """Which captions the index does not hold yet (each once), read under the write lock ->
+    (their positions in `texts`, the image id each names)."""
+    by_name = {n: i for i, n in enumerate(w.image_names())}
+    have = w.caption_keys()
+    keep, ids = [], []
+    for j, (text, name) in enumerate(zip(texts, image_names)):
+        image = None if name is None else by_name[name]
+        key = (text, -1 if image is None else image)
+        if key not in have:
+            have.add(key)
+            keep.append(j)
+            ids.append(image)
+    return keep, ids
+
+
 def add_to_index(index: str | Path, images: Sequence[str | Path], checkpoint: str | Path | None = None,
                  captions: str | Path | None = None, progress: bool = True) -> tuple[int, int]:
     """Append images (files, or folders of images) and optional captions to an index without
-    rebuilding it -> (images added, captions added)."""
+    rebuilding it -> (images added, captions added). An image (by resolved path) or a caption
+    (by text and image) the index already holds is skipped: checked once before features are
+    computed, and again under the write lock, so repeated and concurrent adds store each once."""
     from mmca.features import TextEncoder
 
     idx = GalleryIndex(index)
@@ -184,33 +226,24 @@ def add_to_index(index: str | Path, images: Sequence[str | Path], checkpoint: st
     model, _ = load_model(ckpt)
     opts = idx.extraction_options()
     backbone, encoder = image_backbone(opts), TextEncoder(opts["text_encoder"], opts["max_tokens"])
-    paths: list[Path] = []
-    roots: list[Path] = []
-    for p in images:
-        p = Path(p).resolve()
-        if p.is_dir():
-            paths += list_images(p)
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise DataError(f"image not found: {p}", "pass existing image files or folders")
-        roots.append(p)
+    paths, roots = _unique_images(images)
     known = {p for p in idx.image_paths if p}
     paths = [p for p in paths if str(p) not in known]
     require_images(paths)
     names = list(idx.image_names) + [p.name for p in paths]
     texts, cap_images = _read_captions(Path(captions) if captions else None, names)
-    # captions of already indexed images are kept only if new: skip exact duplicates
-    have = set(zip(idx.captions, idx.caption_image.tolist()))
-    keep = [i for i, (t, im) in enumerate(zip(texts, cap_images)) if (t, -1 if im is None else im) not in have]
-    texts, cap_images = [texts[i] for i in keep], [cap_images[i] for i in keep]
+    cap_names = [None if i is None else names[i] for i in cap_images]
     engine = ScoringEngine(model, "cpu")
     bank = engine.image_bank(_extract(backbone, paths, progress)) if paths else None
     tokens = _encode_captions(encoder, texts, progress)
     with IndexWriter(idx.path) as w:
         w.add_gallery_roots(roots)
-        if bank is not None:
-            w.add_images(bank, [p.name for p in paths], [str(p) for p in paths])
-        if tokens is not None:
-            w.add_captions(tokens, texts, cap_images)
-    return len(paths), len(texts)
+        indexed = w.image_paths()
+        fresh = [i for i, p in enumerate(paths) if str(p) not in indexed]
+        if fresh:
+            w.add_images(_select_images(bank, fresh), [paths[i].name for i in fresh], [str(paths[i]) for i in fresh])
+        keep, cap_ids = _fresh_captions(w, texts, cap_names)
+        if keep:
+            w.add_captions(TokenFeatures(*_ragged_subset(tokens, np.asarray(keep, dtype=np.int64))),
+                           [texts[j] for j in keep], cap_ids)
+    return len(fresh), len(keep)

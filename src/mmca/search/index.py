@@ -375,6 +375,17 @@ class IndexWriter:
         (v,) = self.con.execute("SELECT value FROM meta WHERE key = 'storage'").fetchone()
         return json.loads(v)
 
+    # what the index holds now, as this writer sees it: read under its lock, current to the commit
+    def image_paths(self) -> set[str]:
+        return {p for (p,) in self.con.execute("SELECT path FROM images WHERE path IS NOT NULL")}
+
+    def image_names(self) -> list[str]:
+        return [n for (n,) in self.con.execute("SELECT name FROM images ORDER BY id")]
+
+    def caption_keys(self) -> set[tuple[str, int]]:
+        """(text, image id or -1) of every caption."""
+        return set(self.con.execute("SELECT text, COALESCE(image, -1) FROM captions"))
+
     def add_gallery_roots(self, roots: Sequence[Path]) -> None:
         """Record more places images may be served from (in this writer's transaction)."""
         row = self.con.execute("SELECT value FROM meta WHERE key = 'gallery_roots'").fetchone()

@@ -34,6 +34,7 @@ from mmca.errors import DataError, MmcaError
 from mmca.features.backbone import MIN_SIDE, fit_photo
 from mmca.features.images import IMAGE_FORMATS, IMAGE_TYPES
 from mmca.features.options import image_backbone
+from mmca.features.sentences import is_unicode_text, wordless
 from mmca.search.index import GalleryIndex
 
 MAX_QUERY_CHARS = 1000
@@ -55,11 +56,9 @@ class QueryError(MmcaError):
 def check_text(text: Any) -> str:
     if not isinstance(text, str):
         raise QueryError("the query must be a string")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:  # lone surrogates: from JSON escapes or undecodable argv bytes
+    if not is_unicode_text(text):
         raise QueryError("the query is not valid Unicode text (it holds a lone surrogate or bytes that "
-                         "are not UTF-8)", "type the sentence as plain UTF-8 text") from err
+                         "are not UTF-8)", "type the sentence as plain UTF-8 text")
     text = text.strip()
     if not text:
         raise QueryError("the query is empty", "type a sentence describing the photo")
@@ -157,6 +156,9 @@ class Searcher:
 
     def _encode(self, text: str):
         ids, _ = self.encoder.tokenize([text])
+        if wordless(ids, self.encoder.tokenizer):
+            raise QueryError("the query has no visible characters (only control, zero-width or space characters)",
+                             "type a sentence describing the photo")
         tokens = self.encoder.encode_ids(ids)
         tb = self.engine.text_bank(tokens)
         return ids[0], tokens, tb

@@ -14,8 +14,10 @@ content type of the decoded file.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
+import socket
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
@@ -257,3 +259,41 @@ def create_app(searcher: Searcher, host: str = "127.0.0.1") -> FastAPI:
         return Response(data, media_type=media, headers={"Cache-Control": "max-age=3600"})
 
     return app
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound and listening before anything says "ready": from then on a
+    connection is accepted (and answered once the server runs). A port another program holds
+    is a clean error naming it, before the model is loaded."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as err:
+        raise MmcaError(f"cannot serve on host {host!r}: {err.strerror}",
+                        "pass --host 127.0.0.1, or an address of this machine") from err
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT, never one in use
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as err:
+        sock.close()
+        raise _bind_error(host, port, err) from err
+    return sock
+
+
+def _bind_error(host: str, port: int, err: OSError) -> MmcaError:
+    if err.errno == errno.EADDRINUSE:
+        return MmcaError(f"port {port} on {host} is in use by another program",
+                         f"stop that program, or pass another --port (e.g. --port {port + 1 if port < 65535 else 8000})")
+    if err.errno == errno.EACCES:
+        return MmcaError(f"port {port} on {host} needs privileges this user does not have",
+                         "pass a --port above 1023")
+    return MmcaError(f"cannot listen on {host} port {port}: {err.strerror}",
+                     "pass --host 127.0.0.1, or an address of this machine")
+
+
+def url(sock: socket.socket) -> str:
+    """The address a browser opens: the socket's own (an IPv6 literal in brackets)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}/" if sock.family == socket.AF_INET6 else f"http://{host}:{port}/"
