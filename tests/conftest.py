@@ -21,7 +21,7 @@ STRICT = "MMCA_REQUIRE_ALL"
 
 
 def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", f"optional: may skip even under {STRICT}=1 (an optional extra, not installed)")
+    config.addinivalue_line("markers", f"optional: may skip even under {STRICT}=1 (an optional extra not installed, or bf16 units the CPU lacks)")
 
 
 @pytest.hookimpl(hookwrapper=True)
