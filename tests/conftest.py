@@ -17,6 +17,28 @@ from mmca.model import MMCA
 SHARED_DATA = Path(os.environ.get("MMCA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+STRICT = "MMCA_REQUIRE_ALL"
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", f"optional: may skip even under {STRICT}=1 (an optional extra not installed, or bf16 units the CPU lacks)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under MMCA_REQUIRE_ALL=1 a skipped test fails, saying what was missing: a run that lacks
+    the sample data, Chromium or Playwright cannot pass as green. Only tests marked `optional`
+    may still skip."""
+    outcome = yield
+    report = outcome.get_result()
+    if (os.environ.get(STRICT) == "1" and report.skipped and not hasattr(report, "wasxfail")
+            and item.get_closest_marker("optional") is None):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = (f"{STRICT}=1, but this test would skip: {reason}\n"
+                           f"provide what it needs, or run without {STRICT}=1 to let it skip")
+
+
 def shared_path(*parts: str) -> Path:
     """A path under the shared data folder; the test skips (saying why) if it is not there."""
     path = SHARED_DATA.joinpath(*parts)

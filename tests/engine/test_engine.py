@@ -78,7 +78,10 @@ def test_exact_pruned_ranks_equal_exhaustive(small, max_rank):
     pr = engine.ranks(images, texts, ci, mode="exact", max_rank=max_rank, image_block=5)
     assert np.array_equal(ex.i2t, pr.i2t) and np.array_equal(ex.t2i, pr.t2i)
     assert pr.pair_passes <= ex.pair_passes
-    assert ex.exact_below == max_rank
+    if max_rank is not None:  # capped ranks are the uncapped ones cut at the cap
+        full = engine.ranks(images, texts, ci, mode="exhaustive")
+        assert np.array_equal(pr.i2t, np.minimum(full.i2t, max_rank))
+        assert np.array_equal(pr.t2i, np.minimum(full.t2i, max_rank))
     # memory-bounded tiles (here 1 image x 60 captions, 12 images x 4 captions): same ranks
     model = small[0]
     tiny = ScoringEngine(model, block_pairs=16, pair_budget=50)
@@ -325,3 +328,43 @@ def test_real_shapes_on_a_handful_of_pairs():
             for j in range(3):
                 ref = reference_score(model, regions[i], tokens[j, :lengths[j]])
                 assert full[i, j].item() == pytest.approx(ref, abs=tol)
+
+
+def test_under_dropout_negatives_are_chosen_in_eval_mode_and_scored_with_dropout():
+    """The mined step at dropout > 0 (docs/model.md): the hardest negatives of the eval-mode
+    scores of the batch's (train-mode) encodings, re-scored in training mode. The recompute is
+    the real one, wrapped to record its pairs, its mode and its scores."""
+    from mmca.engine.mining import _pair_scores_grad, _plain_pair_scores_grad, loss_from_encodings
+    from mmca.engine.scoring import inference_mode
+    from mmca.loss import max_violation_loss
+
+    torch.manual_seed(4)
+    model = MMCA(ModelConfig(img_dim=24, txt_dim=20, d=32, heads=4, cnn_filters=16, dropout=0.3)).train()
+    regions, tokens, mask, same = batch(SMALL, b=12)
+    r, i0 = model.encode_image(regions)
+    e, c0 = model.encode_text(tokens, mask)
+    seen = {}
+
+    def recompute(model, *args):
+        seen.update(training=model.cross_unit.training, pairs=(args[-2], args[-1]))
+        seen["scores"] = _pair_scores_grad(model, *args)
+        return seen["scores"]
+
+    loss = loss_from_encodings(model, r, i0, e, c0, mask, 0.2, same, "max", recompute=recompute)
+    a, b = seen["pairs"]
+    assert seen["training"] and model.training  # scored with dropout, and the mode left as it was
+    # the loss is the hinge over the recomputed (dropout) scores of the picked pairs
+    picked = torch.full((12, 12), float("-inf")).index_put((a, b), seen["scores"])
+    assert loss.item() == pytest.approx(max_violation_loss(picked, 0.2, same).item(), rel=1e-6)
+    # the picks hold each row's and column's hardest negative under the eval-mode cross unit
+    with torch.no_grad(), inference_mode(model):
+        grid = torch.arange(12)
+        s_eval = _plain_pair_scores_grad(model, r, i0, e, c0, mask, grid.repeat_interleave(12),
+                                         grid.repeat(12)).view(12, 12)
+    # with dropout on, the recompute's scores are not the eval-mode ones
+    assert not torch.allclose(seen["scores"].detach(), s_eval[a, b], atol=1e-3)
+    neg = ~(torch.eye(12, dtype=torch.bool) | same)
+    s_eval = s_eval.masked_fill(~neg, float("-inf"))
+    chosen = torch.zeros(12, 12, dtype=torch.bool).index_put((a, b), torch.tensor(True))
+    assert chosen[grid, s_eval.argmax(1)].all() and chosen[s_eval.argmax(0), grid].all()
+    assert len(a) < 12 * 12  # not every pair: mined, not exhaustive

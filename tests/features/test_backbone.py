@@ -144,3 +144,11 @@ def test_broken_image_raises_naming_the_file(backbone: ImageBackbone, flickr8k: 
         backbone.extract_files([good, bad], out)
     assert str(bad) in err.value.message
     assert "remove it from the split list" in (err.value.hint or "")
+
+
+def test_a_trunk_that_cannot_be_traced_falls_back_to_eager_with_a_warning_naming_the_cause() -> None:
+    """An input too small for the first convolution makes tracing itself fail."""
+    with pytest.warns(UserWarning, match=r"traced mobilenet_v2 trunk is not available here \(RuntimeError: .*Kernel size"):
+        trunk = _feature_trunk("mobilenet_v2", None, 0)
+    assert not isinstance(trunk, torch.jit.ScriptModule)
+    assert isinstance(_feature_trunk("mobilenet_v2", None, 64), torch.jit.ScriptModule)  # where tracing works

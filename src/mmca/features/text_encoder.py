@@ -15,6 +15,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import zipfile
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from mmca.data.dataset import TokenFeatures
@@ -224,16 +226,22 @@ def _model(model_dir: Path) -> torch.nn.Module:
         return AutoModel.from_pretrained(model_dir, local_files_only=True).eval().requires_grad_(False)
 
 
+# What loading a missing, truncated or foreign file raises (transformers, tokenizers, torch.load,
+# safetensors); any other exception is a bug and propagates as itself
+_BAD_FILES = (OSError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError, RuntimeError)
+
+
 @contextmanager
 def _quiet_loading(model_dir: Path) -> Iterator[None]:
-    """Silence transformers' per-tensor "Loading weights" bar; turn its errors into DataError."""
+    """Silence transformers' per-tensor "Loading weights" bar; turn the errors of bad files into
+    DataError."""
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
         yield
-    except Exception as err:  # a damaged weights file raises the loader's own error types (safetensors' too)
+    except _BAD_FILES as err:
         raise DataError(f"cannot load the text encoder in {model_dir}: {err}", f"pass {_EXPECTED}") from err
     finally:
         if bars:

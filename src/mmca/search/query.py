@@ -185,23 +185,8 @@ class Searcher:
         return [self._image_result(int(j), float(v)) for v, j in zip(scores.tolist(), ids.tolist())], stats
 
     def _topk_gathered(self, tb, k: int):
-        """Exact top-k over the memory-mapped gallery: candidates in falling i0·c0 order, in
-        chunks of doubling size; each chunk's exact top-k is merged into the running one, so
-        every candidate's cross unit runs at most once."""
-        g = self.i0 @ tb.c0[0]
-        gs, order = torch.sort(g, descending=True, stable=True)
-        slack = self.engine.slack
-        ncand = int((gs + slack >= gs[k - 1] - slack).sum())
-        best_s, best_i = torch.empty(0), torch.empty(0, dtype=torch.long)
-        start, stop = 0, min(ncand, max(4 * k, self.first_chunk))
-        while True:
-            ids = torch.sort(order[start:stop]).values
-            sub = ImageBank(**self.index.image_rows(ids.numpy()))
-            s, i = self.engine.topk_images(sub, tb, min(k, len(ids)))
-            best_s, best_i = merge_topk(best_s, best_i, s[0], ids[i[0]], k)
-            if stop >= ncand or float(best_s[k - 1]) > float(gs[stop]) + slack:
-                return best_s, best_i, stop
-            start, stop = stop, min(ncand, 2 * stop)
+        return gathered_topk(self.engine, self.i0, lambda ids: ImageBank(**self.index.image_rows(ids)),
+                             tb, k, self.first_chunk)
 
     def _image_result(self, j: int, score: float) -> dict[str, Any]:
         return {"id": j, "score": score, "name": self.index.image_names[j],
@@ -344,6 +329,27 @@ class Searcher:
         d.update({"resident": self.resident, "max_query_chars": MAX_QUERY_CHARS, "max_k": MAX_K,
                   "max_upload_bytes": MAX_UPLOAD_BYTES})
         return d
+
+
+def gathered_topk(engine: ScoringEngine, i0: torch.Tensor, rows, tb, k: int, first_chunk: int = 64):
+    """Exact top-k images of the one caption of `tb` over a gallery held out of memory: `i0`
+    (N, d) of every image, `rows(ids)` -> the ImageBank of those images (e.g. read from the
+    index's memory-mapped shards). Candidates come in falling i0·c0 order, in chunks of
+    doubling size; each chunk's exact top-k is merged into the running one, so every
+    candidate's cross unit runs at most once -> (scores (k,), ids (k,), images gathered)."""
+    g = i0 @ tb.c0[0]
+    gs, order = torch.sort(g, descending=True, stable=True)
+    slack = engine.slack
+    ncand = int((gs + slack >= gs[k - 1] - slack).sum())
+    best_s, best_i = torch.empty(0), torch.empty(0, dtype=torch.long)
+    start, stop = 0, min(ncand, max(4 * k, first_chunk))
+    while True:
+        ids = torch.sort(order[start:stop]).values
+        s, i = engine.topk_images(rows(ids.numpy()), tb, min(k, len(ids)))
+        best_s, best_i = merge_topk(best_s, best_i, s[0], ids[i[0]], k)
+        if stop >= ncand or float(best_s[k - 1]) > float(gs[stop]) + slack:
+            return best_s, best_i, stop
+        start, stop = stop, min(ncand, 2 * stop)
 
 
 def merge_topk(scores_a: torch.Tensor, ids_a: torch.Tensor, scores_b: torch.Tensor, ids_b: torch.Tensor,
