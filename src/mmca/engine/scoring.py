@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from mmca.dist import Shard
-from mmca.engine import ranking
+import mmca.engine.ranking as ranking
 from mmca.engine.bank import (ImageBank, TextBank, bucketed_text_bank, build_image_bank,
                               empty_image_bank, empty_text_bucket, fill_image_bank, fill_text_bucket,
                               pad_tokens)

@@ -24,7 +24,8 @@ from tqdm import tqdm
 from mmca.data.dataset import RetrievalDataset, SplitSource, TokenFeatures
 from mmca.data.layouts import read_split
 from mmca.errors import DataError
-from mmca.features import cache, parallel
+import mmca.features.cache as cache
+import mmca.features.parallel as parallel
 from mmca.features.backbone import DEFAULT_BACKBONE, ImageBackbone
 from mmca.data.spec import FeatureSpec, precomp_image_spec, text_spec
 from mmca.features.text_encoder import TextEncoder
