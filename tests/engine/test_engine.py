@@ -34,7 +34,7 @@ def small():
     torch.manual_seed(0)
     model = MMCA(SMALL).eval()
     regions, tokens, mask, ci = make_gallery(SMALL)
-    engine = ScoringEngine(model, block_pairs=16)
+    engine = ScoringEngine(model, block_pairs=16, fused="off")  # the eager kernel (test_fused: the fused one)
     images, texts = engine.image_bank(regions), engine.text_bank((tokens, mask))
     return model, engine, images, texts, regions, tokens, mask, ci
 
@@ -58,7 +58,7 @@ def test_full_scores_match_batched_forward_and_are_block_independent(small):
         expected = model(regions.repeat_interleave(m, 0), tokens.repeat(n, 1, 1), mask.repeat(n, 1)).view(n, m)
     assert torch.allclose(full, expected, atol=1e-5)
     # a pair scores the same floats whatever block it falls in (block sizes, order, subsets)
-    other = ScoringEngine(model, block_pairs=48)
+    other = ScoringEngine(model, block_pairs=48, fused="off")
     g = torch.Generator().manual_seed(1)
     a, b = torch.randint(0, n, (200,), generator=g), torch.randint(0, m, (200,), generator=g)
     assert torch.equal(other.pair_scores(images, texts, a, b), full[a, b])
@@ -111,7 +111,7 @@ def test_exact_ranks_prune_when_the_bound_decides():
     config = ModelConfig(img_dim=24, txt_dim=20, d=32, heads=4, cnn_filters=16, dropout=0.0, alpha=0.02)
     model = MMCA(config).eval()
     regions, tokens, mask, ci = make_gallery(config, ties=False)
-    engine = ScoringEngine(model, block_pairs=16)
+    engine = ScoringEngine(model, block_pairs=16, fused="off")  # the eager kernel (test_fused: the fused one)
     images, texts = engine.image_bank(regions), engine.text_bank((tokens, mask))
     ex = engine.ranks(images, texts, ci, mode="exhaustive")
     pr = engine.ranks(images, texts, ci, mode="exact")

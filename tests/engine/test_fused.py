@@ -50,6 +50,15 @@ def test_fused_scores_equal_the_eager_engine_and_the_reference(fused_setup):
         assert got[a, b].item() == pytest.approx(reference_score(model, regions[a], tokens[b, :n]), abs=1e-5)
 
 
+def test_fused_scores_are_block_independent(fused_setup):
+    """A pair scores the same floats whatever fused block it falls in (a second block shape)."""
+    model, fused, _, (images, texts), _, cache = fused_setup
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMCA_CACHE_DIR", str(cache))
+        wider = ScoringEngine(model, fused="on", **{**ENGINE, "block_pairs": 48})
+    assert torch.equal(wider.full_scores(images, texts, image_block=5), fused.full_scores(images, texts))
+
+
 def test_fused_pruned_ranks_are_bit_identical(fused_setup):
     _, fused, eager, (images, texts), (*_, ci), _ = fused_setup
     ex = fused.ranks(images, texts, ci, mode="exhaustive")
