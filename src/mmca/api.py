@@ -34,7 +34,7 @@ from mmca.engine.guards import full_fp32
 from mmca.engine.heatmap import token_heatmap
 from mmca.errors import ConfigError, DataError, MmcaError
 from mmca.features.images import list_images, require_images
-from mmca.features.options import extraction_options
+from mmca.features.options import extraction_options, text_encoder as options_text_encoder
 
 if TYPE_CHECKING:
     from mmca.search import Searcher
@@ -132,9 +132,7 @@ class Retriever:
             raise MmcaError("this model's text features are of unknown provenance: no text encoder to run",
                             "use a model trained with `mmca train`")
         if "text" not in self._extractors:
-            from mmca.features import TextEncoder
-            opts = self._options()
-            self._extractors["text"] = TextEncoder(opts["text_encoder"], opts["max_tokens"])
+            self._extractors["text"] = options_text_encoder(self._options())
         return self._extractors["text"]
 
     # ---- encoding ---------------------------------------------------------------------------

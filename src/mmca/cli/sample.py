@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
                          command=f"mmca sample {args.dataset} --preset {args.preset}"
                          + (f" --seed {args.seed}" if args.seed is not None else "")
                          + (f" --epochs {args.epochs}" if args.epochs is not None else "")
-                         + (f" --mining-precision {args.mining_precision}" if args.mining_precision else ""))
+                         + (f" --mining-precision {args.mining_precision}" if args.mining_precision else "")
+                         + (f" --extract-precision {args.extract_precision}" if args.extract_precision else ""))
     ours = {f"{k} [{dev_set.name} {dev_set.split}]": v for k, v in rows.items()}
     table = format_table({**ours, "paper, Flickr30K 1K": PAPER_RESULTS["Flickr30K 1K"]})
     total = time.perf_counter() - started

@@ -15,7 +15,7 @@ from mmca.checkpoint import checkpoint_identity
 from mmca.engine import ScoringEngine
 from mmca.errors import CheckpointError, DataError, MmcaError
 from mmca.data.spec import FeatureSpec
-from mmca.features.options import extraction_options, image_backbone
+from mmca.features.options import extraction_options, image_backbone, text_encoder as options_text_encoder
 from mmca.features.images import list_images, require_images
 from mmca.search.index import STORAGE, GalleryIndex, IndexWriter, require_index_out
 
@@ -85,7 +85,7 @@ def build_from_dataset(out: str | Path, checkpoint: str | Path, root: str | Path
                        limit: int | None = None, storage: str = "fp16", grid: int | None = None,
                        text_encoder: str | Path | None = None, max_tokens: int | None = None,
                        overwrite: bool = False, progress: bool = True, backbone: str | None = None,
-                       image_size: int | None = None) -> GalleryIndex:
+                       image_size: int | None = None, extract_precision: str | None = None) -> GalleryIndex:
     """Index a prepared split (its cached features; computed now if missing) with the features
     the checkpoint was trained on (backbone, image size, grid, text encoder, max_tokens: None
     adopts the checkpoint's;
@@ -96,7 +96,7 @@ def build_from_dataset(out: str | Path, checkpoint: str | Path, root: str | Path
     require_index_out(out, overwrite, inputs=(root, checkpoint))  # before any feature is computed
     ckpt = Path(checkpoint)
     model, spec, _ = load_model_and_spec(ckpt)
-    opts = extraction_options(spec, grid, text_encoder, max_tokens, backbone, image_size)
+    opts = extraction_options(spec, grid, text_encoder, max_tokens, backbone, image_size, extract_precision)
     prepared = prepare_split(root, split, progress=progress, **opts)
     ds = prepared.dataset
     spec.require_match(ds.spec, f"checkpoint {ckpt}", f"{root}, split {split}")
@@ -137,22 +137,20 @@ def build_from_folder(out: str | Path, checkpoint: str | Path, folder: str | Pat
                       captions: str | Path | None = None, storage: str = "fp16", grid: int | None = None,
                       text_encoder: str | Path | None = None, max_tokens: int | None = None,
                       overwrite: bool = False, progress: bool = True, backbone: str | None = None,
-                      image_size: int | None = None) -> GalleryIndex:
+                      image_size: int | None = None, extract_precision: str | None = None) -> GalleryIndex:
     """Index every image of a folder (features through the backbone the checkpoint was trained
     with, as in `build_from_dataset`); captions from `captions` (captions.tsv by filename, or
     plain lines) or the folder's captions.tsv."""
-    from mmca.features import TextEncoder
-
     require_index_out(out, overwrite, inputs=(folder, checkpoint) + ((captions,) if captions else ()))
     ckpt = Path(checkpoint)
     model, spec, _ = load_model_and_spec(ckpt)
-    opts = extraction_options(spec, grid, text_encoder, max_tokens, backbone, image_size)
+    opts = extraction_options(spec, grid, text_encoder, max_tokens, backbone, image_size, extract_precision)
     folder = Path(folder).resolve()
     paths = list_images(folder)
     if captions is None and (folder / "captions.tsv").is_file():
         captions = folder / "captions.tsv"
     require_images(paths)
-    extractor, encoder = image_backbone(opts), TextEncoder(opts["text_encoder"], opts["max_tokens"])
+    extractor, encoder = image_backbone(opts), options_text_encoder(opts)
     found = FeatureSpec.from_extractors(extractor, encoder)
     spec.require_match(found, f"checkpoint {ckpt}", f"the backbone and text encoder for {folder}")
     _check_dims(model, extractor.dim, encoder.dim, ckpt)
@@ -174,8 +172,6 @@ def add_to_index(index: str | Path, images: Sequence[str | Path], checkpoint: st
                  captions: str | Path | None = None, progress: bool = True) -> tuple[int, int]:
     """Append images (files, or folders of images) and optional captions to an index without
     rebuilding it -> (images added, captions added)."""
-    from mmca.features import TextEncoder
-
     idx = GalleryIndex(index)
     ckpt = idx.resolve_checkpoint(checkpoint)
     if not idx.has_photos:
@@ -183,7 +179,7 @@ def add_to_index(index: str | Path, images: Sequence[str | Path], checkpoint: st
                         "build a separate index of your image folder")
     model, _ = load_model(ckpt)
     opts = idx.extraction_options()
-    backbone, encoder = image_backbone(opts), TextEncoder(opts["text_encoder"], opts["max_tokens"])
+    backbone, encoder = image_backbone(opts), options_text_encoder(opts)
     paths: list[Path] = []
     roots: list[Path] = []
     for p in images:
