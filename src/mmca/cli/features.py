@@ -63,7 +63,7 @@ def add_feature_arguments(p: argparse.ArgumentParser, adopts: bool = False) -> N
     p.add_argument("--extract-precision", choices=("auto", "fp32", "bf16", "int8"), default=None,
                    help="what the frozen extractors compute in: bf16 (autocast), int8 (the text encoder's Linear "
                         "layers quantised; images stay fp32), or auto (bf16 where the CPU has bf16 units, int8 "
-                        "text where it has VNNI, else fp32). Another precision makes another feature set "
+                        "text where fbgemm has VNNI, else fp32). Another precision makes another feature set "
                         f"(default: {default or DEFAULT_EXTRACT_PRECISION})")
 
 

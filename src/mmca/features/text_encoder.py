@@ -64,8 +64,9 @@ _EXPECTED = (
     "transformers' save_pretrained"
 )
 # Padded tokens per forward pass. Small batches of similar length keep the activations in
-# cache: on the 2-core CPU, 2048 ran 1.3x faster than 8192 and 1.5x faster than 16384.
-TOKENS_PER_BATCH = 2048
+# cache: on the 2-core CPU, 2048 ran 1.3x faster than 8192 and 1.5x faster than 16384 (MiniLM);
+# 512 ran 1.04x (MiniLM), 1.13-1.16x (MPNet fp32) and 1.20x (MPNet int8) faster than 2048.
+TOKENS_PER_BATCH = 512
 
 
 @dataclass(frozen=True)
