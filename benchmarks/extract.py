@@ -13,6 +13,7 @@ them alike: compare ratios within one run, not numbers across runs.
 
     python benchmarks/extract.py [DATASET_DIR] [--photos 24] [--captions 200] [--drift-photos 200]
         [--drift-captions 300] [--rounds 2] [--threads 1 2] [--structure]
+        [--backbones efficientnet_lite2 mobilenet_v2] [--encoders mpnet minilm]
 """
 
 from __future__ import annotations
@@ -75,9 +76,9 @@ def precisions(kind: str) -> list[str]:
     return out + ["int8"] if kind == "text" else out
 
 
-def image_cases(photos: list[Path], threads: list[int], structure: bool) -> list[Case]:
+def image_cases(photos: list[Path], threads: list[int], structure: bool, backbones: list[str]) -> list[Case]:
     cases = []
-    for name in BACKBONES:
+    for name in backbones:
         for precision in precisions("images"):
             ex = ImageBackbone(7, name, precision=precision)
             out = np.empty((len(photos), ex.regions, ex.dim), dtype=np.float16)
@@ -85,7 +86,7 @@ def image_cases(photos: list[Path], threads: list[int], structure: bool) -> list
                 label = f"{name} {precision} {t}t"
                 cases.append(Case(label, "img", len(photos), lambda ex=ex, out=out: ex.extract_files(photos, out), t,
                                   f"{name} fp32 {t}t"))
-    if structure:
+    if structure and "efficientnet_lite2" in backbones:
         ex = ImageBackbone(7, "efficientnet_lite2")
         out = np.empty((len(photos), ex.regions, ex.dim), dtype=np.float16)
         for size in (1, 4, 8):
@@ -103,9 +104,9 @@ def image_cases(photos: list[Path], threads: list[int], structure: bool) -> list
     return cases
 
 
-def text_cases(captions: list[str], threads: list[int], structure: bool) -> list[Case]:
+def text_cases(captions: list[str], threads: list[int], structure: bool, encoders: list[str]) -> list[Case]:
     cases = []
-    for name in ENCODERS:
+    for name in encoders:
         for precision in precisions("text"):
             try:
                 enc = TextEncoder(name, precision=precision)
@@ -145,11 +146,11 @@ def time_cases(cases: list[Case], rounds: int) -> None:
             case.best = min(case.best, time.perf_counter() - t0)
 
 
-def drift(photos: list[Path], captions: list[str]) -> list[dict[str, object]]:
+def drift(photos: list[Path], captions: list[str], backbones: list[str], encoders: list[str]) -> list[dict[str, object]]:
     """Cosine to fp32 of every region (grid 7) and every token state, in each other precision."""
     torch.set_num_threads(2)
     rows = []
-    for name in BACKBONES:
+    for name in backbones:
         fp32 = ImageBackbone(7, name)
         ref = np.empty((len(photos), fp32.regions, fp32.dim), dtype=np.float16)
         fp32.extract_files(photos, ref)
@@ -159,7 +160,7 @@ def drift(photos: list[Path], captions: list[str]) -> list[dict[str, object]]:
             c = cosines(ref, other)
             rows.append({"extractor": name, "precision": precision, "items": len(photos), "mean": float(c.mean()),
                          "min": float(c.min())})
-    for name in ENCODERS:
+    for name in encoders:
         try:
             ref_states = TextEncoder(name).encode(captions).states
         except MmcaError:
@@ -183,6 +184,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--structure", action="store_true", help="also batch sizes, TorchScript, tokens per batch")
     p.add_argument("--no-drift", action="store_true")
+    p.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=BACKBONES)
+    p.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=ENCODERS)
     args = p.parse_args()
 
     names = (args.dataset / "splits" / "dev.txt").read_text().split()
@@ -194,8 +197,8 @@ def main() -> int:
           f"{torch.backends.cpu.get_cpu_capability()}  ({caps})")
     print(f"bf16 units: {native_bf16('cpu')[1]}; int8: {vnni_int8()[1]}")
 
-    cases = image_cases(photos[: args.photos], args.threads, args.structure)
-    cases += text_cases(captions[: args.captions], args.threads, args.structure)
+    cases = image_cases(photos[: args.photos], args.threads, args.structure, args.backbones)
+    cases += text_cases(captions[: args.captions], args.threads, args.structure, args.encoders)
     time_cases(cases, args.rounds)
     best = {c.label: c.best for c in cases}
     rows = []
@@ -206,7 +209,8 @@ def main() -> int:
         rows.append({"case": c.label, "unit": f"{c.unit}/s", "rate": round(rate, 2),
                      "vs_fp32": None if ratio is None else round(ratio, 2)})
         print(f"{c.label:<40} {rate:>7.1f} {c.unit}/s  {'' if ratio is None else f'{ratio:.2f}x'}")
-    drifts = [] if args.no_drift else drift(photos[: args.drift_photos], captions[: args.drift_captions])
+    drifts = [] if args.no_drift else drift(photos[: args.drift_photos], captions[: args.drift_captions],
+                                            args.backbones, args.encoders)
     if drifts:
         print(f"\n{'drift vs fp32':<40} {'items':>6}  cos mean  cos min")
     for d in drifts:
