@@ -43,3 +43,17 @@ def test_digest_benchmark_times_cold_and_warm_passes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "3 files" in done.stdout and "cold from disk" in done.stdout and "warm (stored digests)" in done.stdout
     assert sorted(p.name for p in photos.iterdir()) == ["0.jpg", "1.jpg", "2.jpg"]
+
+
+def test_extract_benchmark_times_each_precision_against_fp32_and_measures_drift(tmp_path, flickr8k):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "extract.py"), str(flickr8k), "--photos", "2",
+                           "--captions", "4", "--drift-photos", "2", "--drift-captions", "4", "--rounds", "1",
+                           "--threads", "1", "--backbones", "mobilenet_v2", "--encoders", "minilm"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MMCA_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    speed = {row["case"]: row for row in result["speed"]}
+    assert speed["mobilenet_v2 fp32 1t"]["vs_fp32"] == 1.0 and speed["minilm int8 1t"]["vs_fp32"] > 0
+    assert {(d["extractor"], d["precision"]) for d in result["drift"]} >= {("minilm", "int8")}
+    assert all(0.9 < d["mean"] <= 1.0001 for d in result["drift"])

@@ -40,6 +40,19 @@ def test_train_refuses_bad_options_before_any_work(capsys, tmp_path, flags, mess
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "sample", "evaluate"])
+@pytest.mark.parametrize("device, message", [("banana", "'banana' is not a device PyTorch knows"),
+                                             ("cuda:7", "cuda:7")])
+def test_a_device_this_machine_lacks_is_refused_before_any_work(capsys, tmp_path, checkpoint, command, device,
+                                                               message):
+    args = {"train": [tmp_path / "data", "--out", tmp_path / "run"],
+            "sample": [tmp_path / "data", "--out", tmp_path / "run"],
+            "evaluate": [tmp_path / "data", "--checkpoint", checkpoint]}[command]  # checked before the dataset
+    code, err = run(capsys, command, *args, "--device", device)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_refuses_an_out_that_is_a_file(capsys, tmp_path):
     (tmp_path / "taken").write_text("x")
     code, err = run(capsys, "train", tmp_path / "data", "--out", tmp_path / "taken")

@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Lowest first. A module's layer is that of its top-level name under mmca (mmca.engine.scoring:
 # "engine"); "mmca" is the package's own __init__, the public facade over everything.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "config", "metrics", "runtime", "atomic", "dist", "folders", "extras", "version", "loss"),
+    ("errors", "config", "metrics", "runtime", "hardware", "atomic", "dist", "folders", "extras", "version", "loss"),
     ("data",),
     ("features",),
     ("model",),

@@ -194,9 +194,10 @@ def test_training_stops_on_a_nan_gradient_without_stepping(tmp_path):
 def test_training_says_which_precision_it_mines_in(monkeypatch, tmp_path):
     import json
 
+    from mmca import hardware
     from mmca.engine import precision
 
-    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2"})  # a CPU that emulates bf16
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2"})  # a CPU that emulates bf16
     precision._auto.cache_clear()
     lines = []
     trainer = Trainer(TINY.replace(epochs=1), synthetic_split(8, 1), synthetic_split(6, 2), tmp_path,

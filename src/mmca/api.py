@@ -33,8 +33,9 @@ from mmca.engine.precision import CHOICES, resolve_precision
 from mmca.engine.guards import full_fp32
 from mmca.engine.heatmap import token_heatmap
 from mmca.errors import ConfigError, DataError, MmcaError
+from mmca.hardware import usable_device
 from mmca.features.images import list_images, require_images
-from mmca.features.options import extraction_options
+from mmca.features.options import extraction_options, text_encoder as options_text_encoder
 from mmca.features.sentences import is_unicode_text, wordless
 
 if TYPE_CHECKING:
@@ -130,9 +131,7 @@ class Retriever:
             raise MmcaError("this model's text features are of unknown provenance: no text encoder to run",
                             "use a model trained with `mmca train`")
         if "text" not in self._extractors:
-            from mmca.features import TextEncoder
-            opts = self._options()
-            self._extractors["text"] = TextEncoder(opts["text_encoder"], opts["max_tokens"])
+            self._extractors["text"] = options_text_encoder(self._options())
         return self._extractors["text"]
 
     # ---- encoding ---------------------------------------------------------------------------
@@ -305,24 +304,10 @@ class Retriever:
 
 
 def _device(device: str | torch.device | None) -> torch.device:
-    """The device asked for (default: cuda if there is one), checked to exist and to be usable
-    by this PyTorch before any model is moved to it."""
+    """The device asked for (default: cuda if there is one), checked before any model is moved."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ConfigError(f"device {device!r} is not a device PyTorch knows",
-                          "use 'cpu', 'cuda' or 'cuda:N'") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {dev} asked for, but this PyTorch sees no CUDA device",
-                          "use device='cpu', or install a CUDA build of PyTorch")
-    try:
-        torch.empty(1, device=dev)
-    except (RuntimeError, AssertionError) as err:  # a missing ordinal (cuda:7), a backend not built in
-        raise ConfigError(f"device {dev} cannot be used here: {str(err).splitlines()[0]}",
-                          "use 'cpu', or a device this machine has") from err
-    return dev
+    return usable_device(device)
 
 
 def _require_real(regions: np.ndarray | torch.Tensor) -> None:

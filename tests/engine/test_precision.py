@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 
+from mmca import hardware
 from mmca.engine import precision
 
 
@@ -19,7 +20,7 @@ def fresh_cache():
 
 
 def with_flags(monkeypatch, flags):
-    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
 
 
 def test_auto_takes_bf16_where_the_cpu_has_bf16_units(monkeypatch):

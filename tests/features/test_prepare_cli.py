@@ -39,6 +39,14 @@ def test_options_reach_the_features(make_dataset, tmp_path: Path, capsys: pytest
     assert row[3:6] == ["49", "x", "1280"] and row[6].endswith("/10")
 
 
+
+def test_extract_precision_reaches_the_features(make_dataset, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_dataset(2)
+    assert main(["prepare", str(root), "--splits", "dev", "--cache", str(tmp_path / "c"), "--extract-precision",
+                 "int8", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "(384) in int8" in out and "extraction precision: int8: as asked" in out
+
 @pytest.mark.parametrize(
     "args, message",
     [

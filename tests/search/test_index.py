@@ -162,8 +162,10 @@ def test_add_appends_without_rebuilding(index_dir, gallery, flickr8k, checkpoint
     for n in names:
         shutil.copy(flickr8k / "images" / n, extra / n)
     caps = tmp_path / "caps.txt"
-    caps.write_text(f"{names[0]}\tA new caption of the first added photo .\nA caption of no image .\n")
-    n_img, n_cap = add_to_index(idx_dir, [extra], captions=caps, progress=False)
+    caps.write_text(f"{names[0]}\tA new caption of the first added photo .\nA caption of no image .\n"
+                    f"{names[1]}\t\u200b\u200d\u2060\n\ufeff\u00ad \u200b\n")  # wordless lines: left out
+    with pytest.warns(UserWarning, match=r"2 caption\(s\) hold no words"):
+        n_img, n_cap = add_to_index(idx_dir, [extra], captions=caps, progress=False)
     assert (n_img, n_cap) == (3, 2)
     assert (first.stat().st_ino, first.stat().st_mtime_ns, first.read_bytes()) == before
     idx = GalleryIndex(idx_dir)

@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from mmca.checkpoint import load_model_and_spec
     from mmca.data.layouts import read_split
     from mmca.dist import init_from_env
+    from mmca.hardware import usable_device
     from mmca.evaluate import (check_protocol, evaluate, format_table, require_results_file, results_name,
                                 write_results)
     from mmca.features.prepare import open_dataset
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         require_results_file(args.out)  # before the checkpoint is read or any feature computed
     model, spec, _ = load_model_and_spec(args.checkpoint)  # fails fast on a bad checkpoint
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    usable_device(device)  # a clear error before any feature is computed
     shard = init_from_env(device, args.dist_backend, args.dist_timeout)  # one shard without torchrun
     device = shard.device_for(device)
     protocol = PROTOCOLS[args.protocol]

@@ -1,5 +1,5 @@
 """The feature flags shared by the commands that compute features (--backbone, --image-size,
---grid, --text-encoder, --max-tokens), how a command that has a checkpoint adopts the checkpoint's feature spec, and
+--grid, --text-encoder, --max-tokens, --extract-precision), how a command that has a checkpoint adopts the checkpoint's feature spec, and
 the argument types they share."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from mmca.features.options import extraction_options
 
 DEFAULT_GRID = 6
 DEFAULT_MAX_TOKENS = 64
+DEFAULT_EXTRACT_PRECISION = "fp32"  # every feature set measured in docs/results.md was made in fp32
 
 
 def _int_in(text: str, low: int, high: int | None = None) -> int:
@@ -59,6 +60,11 @@ def add_feature_arguments(p: argparse.ArgumentParser, adopts: bool = False) -> N
                         f"(transformers or sentence-transformers layout) (default: {default or 'minilm'})")
     p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N",
                    help=f"token limit per caption, [CLS] and [SEP] included (default: {default or DEFAULT_MAX_TOKENS})")
+    p.add_argument("--extract-precision", choices=("auto", "fp32", "bf16", "int8"), default=None,
+                   help="what the frozen extractors compute in: bf16 (autocast), int8 (the text encoder's Linear "
+                        "layers quantised; images stay fp32), or auto (bf16 where the CPU has bf16 units, int8 "
+                        "text where fbgemm has VNNI, else fp32). Another precision makes another feature set "
+                        f"(default: {default or DEFAULT_EXTRACT_PRECISION})")
 
 
 def image_side(text: str) -> int:
@@ -73,12 +79,15 @@ def feature_options(args: argparse.Namespace, spec: FeatureSpec | None = None) -
     checkpoint's feature spec when there is one (explicit flags must agree with it), else the
     flags or their defaults."""
     from mmca.features.backbone import DEFAULT_BACKBONE
+    from mmca.features.precision import resolve_extract_precision
 
     if spec is None:
         return {"backbone": args.backbone or DEFAULT_BACKBONE, "image_size": args.image_size,
                 "grid": DEFAULT_GRID if args.grid is None else args.grid, "text_encoder": args.text_encoder,
-                "max_tokens": DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens}
-    return extraction_options(spec, args.grid, args.text_encoder, args.max_tokens, args.backbone, args.image_size)
+                "max_tokens": DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens,
+                "precision": resolve_extract_precision(args.extract_precision or DEFAULT_EXTRACT_PRECISION)}
+    return extraction_options(spec, args.grid, args.text_encoder, args.max_tokens, args.backbone, args.image_size,
+                              args.extract_precision)
 
 
 def checkpoint_feature_spec(path: Path) -> FeatureSpec:

@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
             raise MmcaError("--add needs --index DIR (the index to append to)")
         if not args.add and args.captions is None:
             raise MmcaError("--add needs image files/folders, or --captions FILE")
-        given = [f for f in ("backbone", "image_size", "grid", "text_encoder", "max_tokens", "storage")
+        given = [f for f in ("backbone", "image_size", "grid", "text_encoder", "max_tokens", "extract_precision",
+                             "storage")
                  if getattr(args, f) is not None]
         if given:
             raise MmcaError(f"--add uses the index's own features and storage; {', '.join('--' + f.replace('_', '-') for f in given)} "
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                             "or pass --index DIR --add PATH... to append to an existing one")
         common = dict(storage=args.storage or "fp16", grid=args.grid, text_encoder=args.text_encoder,
                       max_tokens=args.max_tokens, overwrite=args.overwrite, backbone=args.backbone,
-                      image_size=args.image_size)
+                      image_size=args.image_size, extract_precision=args.extract_precision)
         if args.dataset is not None:
             if args.captions is not None:
                 raise MmcaError("--captions applies to --images; a dataset brings its own captions")

@@ -71,12 +71,13 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, str]] = []
     folders: dict[Path, None] = {}
     described: dict[str, None] = {}
+    features = feature_options(args)
     for split in splits:
         prepared = prepare_split(
             args.dataset,
             split,
             cache_dir=args.cache,
-            **feature_options(args),
+            **features,
             captions_per_image=args.captions_per_image or None,
             progress=not args.no_progress,
             force=args.force,
@@ -88,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     print(_table(rows))
     for line in described:
         print(f"features: {line}")
+    print(f"extraction precision: {features['precision'].reason}")
     for folder in folders:
         print(f"cache: {folder}")
     return 0

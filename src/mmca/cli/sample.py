@@ -13,6 +13,7 @@ from mmca.cli.features import add_feature_arguments, feature_options
 from mmca.config import PRESETS, preset
 from mmca.dist import add_arguments as add_dist_arguments
 from mmca.dist import init_from_env
+from mmca.hardware import usable_device
 from mmca.folders import mark, require_writable
 
 NAME = "sample"
@@ -75,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mining_precision is not None:
         config = config.replace(mining_precision=args.mining_precision)
     features = feature_options(args)
+    usable_device(args.device)  # a clear error before any feature is computed
     shard = init_from_env(args.device, args.dist_backend, args.dist_timeout)  # one shard without torchrun
     if shard.main:  # before any feature is computed: new, empty, or a sample folder
         require_writable(args.out, "sample", inputs=(args.dataset,) + ((args.cache,) if args.cache else ()))
@@ -123,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
                          command=f"mmca sample {args.dataset} --preset {args.preset}"
                          + (f" --seed {args.seed}" if args.seed is not None else "")
                          + (f" --epochs {args.epochs}" if args.epochs is not None else "")
-                         + (f" --mining-precision {args.mining_precision}" if args.mining_precision else ""))
+                         + (f" --mining-precision {args.mining_precision}" if args.mining_precision else "")
+                         + (f" --extract-precision {args.extract_precision}" if args.extract_precision else ""))
     ours = {f"{k} [{dev_set.name} {dev_set.split}]": v for k, v in rows.items()}
     table = format_table({**ours, "paper, Flickr30K 1K": PAPER_RESULTS["Flickr30K 1K"]})
     total = time.perf_counter() - started

@@ -10,6 +10,7 @@ from mmca.cli.features import add_feature_arguments, checkpoint_feature_spec, fe
 from mmca.config import PRESETS, preset
 from mmca.dist import add_arguments as add_dist_arguments
 from mmca.dist import init_from_env
+from mmca.hardware import usable_device
 from mmca.errors import MmcaError
 from mmca.folders import require_writable
 
@@ -104,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
     changes = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
     config = preset(args.preset).replace(**changes)
+    usable_device(args.device)  # a clear error before any feature is computed
     shard = init_from_env(args.device, args.dist_backend, args.dist_timeout)  # one shard without torchrun
     if shard.main:
         inputs = tuple(p for p in (args.dataset, args.cache, args.init_from) if p is not None)

@@ -7,8 +7,10 @@ weights says what they were trained on. The spec does. `evaluate`, `index`, `ben
 `--init-from` adopt it and refuse data whose spec differs (`require_match`).
 
 Two specs match when everything that decides the feature values agrees: for images the
-backbone, its weights, input size and grid (or, for precomp features, the region count and
-width); for text the encoder's type, config, weights and token limit. Where a file was found
+backbone, its weights, input size, grid and precision (or, for precomp features, the region
+count and width); for text the encoder's type, config, weights, token limit and precision (fp32,
+bf16 or int8: features computed another way are another feature set). Specs written before the
+precision was recorded read as fp32, the only precision mmca extracted in then. Where a file was found
 (the encoder's directory, the precomp file) and whether training used mirrored views are
 recorded as provenance, not compared.
 
@@ -36,6 +38,7 @@ class ImageSpec:
     grid: int | None = None  # backbone grid side (regions = grid²)
     image_size: int | None = None  # backbone input side in pixels
     weights_sha256: str | None = None
+    precision: str = "fp32"  # what the backbone computed in (mmca.features.precision)
     features_file: str | None = None  # precomp: the file the training features came from (provenance)
 
     _PROVENANCE = ("features_file",)
@@ -50,6 +53,7 @@ class TextSpec:
     weights: str | None = None  # weight file names and sizes (a copy or a move keeps them)
     model_dir: str | None = None  # where the encoder was found (provenance, a default for later jobs)
     name: str | None = None  # the registered name it was found by, if any (provenance)
+    precision: str = "fp32"  # what the encoder computed in (mmca.features.precision)
 
     _PROVENANCE = ("model_dir", "name")
 
@@ -148,13 +152,14 @@ class FeatureSpec:
             left = f"{im.source} features ({im.regions} x {im.dim})"
         limit = f" ≤{tx.max_tokens} tokens" if tx.max_tokens else ""
         where = f" {tx.name}" if tx.name else f" from {Path(tx.model_dir).name}" if tx.model_dir else ""
-        return f"{left}; {tx.model_type}{where}{limit} ({tx.dim})"
+        return f"{left}{_in(im.precision)}; {tx.model_type}{where}{limit} ({tx.dim}){_in(tx.precision)}"
 
 
 def image_spec(backbone) -> ImageSpec:
     b = backbone.describe()
     return ImageSpec(source=str(b["name"]), regions=backbone.regions, dim=int(b["dim"]), grid=int(b["grid"]),
-                     image_size=int(b["image_size"]), weights_sha256=str(b["weights_sha256"]))
+                     image_size=int(b["image_size"]), weights_sha256=str(b["weights_sha256"]),
+                     precision=str(b.get("precision", "fp32")))
 
 
 def text_spec(encoder) -> TextSpec:
@@ -162,12 +167,16 @@ def text_spec(encoder) -> TextSpec:
     weights = ",".join(f"{w['name']}:{w['size']}" for w in d["weights"])
     return TextSpec(model_type=str(d["model_type"]), dim=int(d["dim"]), max_tokens=int(d["max_tokens"]),
                     config_sha256=str(d["config_sha256"]), weights=weights, model_dir=str(d["dir"]),
-                    name=encoder.name)
+                    name=encoder.name, precision=str(d.get("precision", "fp32")))
 
 
 def precomp_image_spec(path: Path, shape: tuple[int, ...], dtype: Any) -> ImageSpec:
     return ImageSpec(PRECOMP, int(shape[1]), int(shape[2]),
                      features_file=f"{Path(path).name} {tuple(int(s) for s in shape)} {dtype}")
+
+
+def _in(precision: str) -> str:
+    return "" if precision == "fp32" else f" in {precision}"
 
 
 def _short(value: Any) -> str:

@@ -16,18 +16,16 @@ scores by ~1e-2 and ranks with them.
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
+from mmca.hardware import native_bf16
+
 CHOICES = ("auto", "fp32", "bf16")
-_NATIVE_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-_ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN, which runs the bf16 products, obeys these
 _PROBE_SIZE = 256  # 256^3 products: ~1 ms in fp32, ~40 ms where bf16 is emulated
 _PROBE_MIN_SPEEDUP = 1.2  # bf16 must beat fp32 by this much to be chosen on a probe alone
 
@@ -39,18 +37,6 @@ class PrecisionChoice:
 
     def to_dict(self) -> dict[str, str]:
         return {"precision": self.precision, "reason": self.reason}
-
-
-def cpu_flags() -> set[str] | None:
-    """The CPU's feature flags, or None where the OS does not say (not Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return None
 
 
 def _timed_product(dtype: torch.dtype, device: torch.device) -> float:
@@ -76,29 +62,6 @@ def measured_bf16_speedup(device: str = "cpu") -> float:
     """fp32 time / bf16 time of the same matrix product on `device` (> 1: bf16 is faster)."""
     dev = torch.device(device)
     return _timed_product(torch.float32, dev) / _timed_product(torch.bfloat16, dev)
-
-
-def native_bf16(device: str | torch.device = "cpu") -> tuple[bool | None, str]:
-    """Whether the device has bf16 units, as the device reports it (None: it does not say)."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(dev)
-        name = torch.cuda.get_device_name(dev)
-        return major >= 8, f"{name} (compute capability {major}.{minor}; bf16 units from 8.0)"
-    if dev.type != "cpu":
-        return False, f"{dev.type} device (no bf16 decision for it: fp32)"
-    capability = torch.backends.cpu.get_cpu_capability()
-    flags = cpu_flags()
-    if flags is None:
-        return None, f"CPU capability {capability}, feature flags unknown"
-    have = [f for f in _NATIVE_CPU_FLAGS if f in flags]
-    capped = [f"{k}={os.environ[k]}" for k in _ISA_CAPS if os.environ.get(k)]
-    if have and (capped or not capability.startswith("AVX512")):
-        return None, (f"CPU with {' and '.join(have)}, but this process runs below it "
-                      f"({', '.join(capped) or 'capability ' + capability})")
-    if have:
-        return True, f"CPU capability {capability} with {' and '.join(have)}"
-    return False, f"CPU capability {capability}, no {' / '.join(_NATIVE_CPU_FLAGS)} (bf16 is emulated)"
 
 
 @lru_cache(maxsize=None)

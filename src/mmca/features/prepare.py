@@ -28,6 +28,7 @@ import mmca.features.cache as cache
 import mmca.features.parallel as parallel
 from mmca.features.backbone import DEFAULT_BACKBONE, ImageBackbone
 from mmca.data.spec import FeatureSpec, precomp_image_spec, text_spec
+from mmca.features.precision import FP32, ExtractPrecision
 from mmca.features.text_encoder import TextEncoder
 
 # Items each worker process must get to repay its start-up of a few seconds (parallel.py).
@@ -73,6 +74,7 @@ def prepare_split(
     source: SplitSource | None = None,
     backbone: str = DEFAULT_BACKBONE,
     image_size: int | None = None,
+    precision: ExtractPrecision = ExtractPrecision(),
 ) -> PreparedSplit:
     """Load the split's cached features, building (or with `force`, rebuilding) what is missing.
 
@@ -83,6 +85,7 @@ def prepare_split(
     does not read, and scan, its files twice).
     `backbone`, `image_size`: the registered image backbone and its input side (default: the
     backbone's own, see backbone.BACKBONES).
+    `precision`: what each extractor computes in (`features.precision.resolve_extract_precision`).
     """
     started = time.perf_counter()
     if source is None:
@@ -91,9 +94,9 @@ def prepare_split(
     build = _Build(progress, force, workers)
     entries = []
     views: tuple[np.ndarray, ...] = ()
-    encoder = TextEncoder(text_encoder, max_tokens)  # first: a bad encoder is refused before any image is computed
+    encoder = TextEncoder(text_encoder, max_tokens, precision.text)  # first: a bad encoder is refused before any image is computed
     if source.image_features is None:
-        extractor = ImageBackbone(grid, backbone, image_size)
+        extractor = ImageBackbone(grid, backbone, image_size, precision=precision.image)
         entry, features = _image_entry(source, folder, extractor, build)
         entries.append(entry)
         if mirror:
@@ -146,11 +149,13 @@ def open_dataset(
     source: SplitSource | None = None,
     backbone: str = DEFAULT_BACKBONE,
     image_size: int | None = None,
+    precision: ExtractPrecision = ExtractPrecision(),
 ) -> RetrievalDataset:
     """The public entry: a split with its frozen features, from the cache when it is valid."""
     return prepare_split(
         root, split, cache_dir, grid, text_encoder, max_tokens, captions_per_image, progress,
         workers=workers, mirror=mirror, source=source, backbone=backbone, image_size=image_size,
+        precision=precision,
     ).dataset
 
 
@@ -189,6 +194,8 @@ def _image_entry(
     settings: dict[str, Any] = {"backbone": backbone.name, "grid": backbone.grid}
     if backbone.image_size != backbone.entry.image_size:  # (so default-size entries keep their names)
         settings["image_size"] = backbone.image_size
+    if backbone.precision != FP32:  # another feature set: its own entry, beside the fp32 one
+        settings["precision"] = backbone.precision
     key = {
         "backbone": backbone.describe(),
         "split": source.split,
@@ -214,7 +221,9 @@ def _text_entry(
     source: SplitSource, folder: Path, encoder: TextEncoder, build: _Build
 ) -> tuple[EntryReport, TokenFeatures]:
     started = time.perf_counter()
-    settings = {"text_encoder": str(encoder.model_dir), "max_tokens": encoder.max_tokens}
+    settings: dict[str, Any] = {"text_encoder": str(encoder.model_dir), "max_tokens": encoder.max_tokens}
+    if encoder.precision != FP32:
+        settings["precision"] = encoder.precision
     key = {
         "text_encoder": encoder.describe(),
         "split": source.split,
@@ -230,7 +239,7 @@ def _text_entry(
             offsets = np.concatenate([[0], np.cumsum(lengths)])
             np.save(tmp / "offsets.npy", offsets)
             out = cache.allocate_array(tmp, "states.npy", (int(offsets[-1]), encoder.dim))
-            task = partial(_encode_shard, ids, offsets, out, encoder.model_dir, encoder.max_tokens)
+            task = partial(_encode_shard, ids, offsets, out, encoder.model_dir, encoder.max_tokens, encoder.precision)
             build.run(task, source.num_captions, CAPTIONS_PER_WORKER, "encode captions", "cap")
             manifest["counts"] = {
                 "captions": source.num_captions,
@@ -268,11 +277,12 @@ def _encode_shard(
     states_path: Path,
     model_dir: Path,
     max_tokens: int,
+    precision: str,
     start: int,
     stop: int,
     report: Callable[[int], None],
 ) -> None:
     states = np.load(states_path, mmap_mode="r+")
-    encoder = TextEncoder(model_dir, max_tokens)
+    encoder = TextEncoder(model_dir, max_tokens, precision)
     encoder.encode_ids(ids[start:stop], out=states[offsets[start] : offsets[stop]], report=report)
     states.flush()

@@ -17,8 +17,9 @@ from mmca.engine import ScoringEngine
 from mmca.engine.bank import ImageBank
 from mmca.errors import CheckpointError, DataError, MmcaError
 from mmca.data.spec import FeatureSpec
-from mmca.features.options import extraction_options, image_backbone
+from mmca.features.options import extraction_options, image_backbone, text_encoder as options_text_encoder
 from mmca.features.images import list_images, require_images
+from mmca.features.sentences import wordless
 from mmca.search.index import STORAGE, GalleryIndex, IndexWriter, require_index_out
 
 
@@ -79,15 +80,30 @@ def _read_captions(path: Path | None, names: Sequence[str]) -> tuple[list[str], 
     return texts, images
 
 
-def _encode_captions(encoder, texts: list[str], progress: bool) -> TokenFeatures | None:
-    return encoder.encode(texts, progress=progress) if texts else None
+def _encode_captions(encoder, texts: list[str], images: list[int | None], source: Path | None,
+                     progress: bool) -> tuple[list[str], list[int | None], TokenFeatures | None]:
+    """The captions' token states, leaving out (with a warning) the captions that hold no words
+    (only control, zero-width or space characters), which would match every image by nothing."""
+    if not texts:
+        return texts, images, None
+    ids, _ = encoder.tokenize(texts)
+    empty = set(wordless(ids, encoder.tokenizer))
+    if empty:
+        first = texts[min(empty)]
+        warnings.warn(f"{source}: {len(empty)} caption(s) hold no words, only control, zero-width or space "
+                      f"characters (e.g. {first!r}); they were skipped", stacklevel=3)
+        keep = [j for j in range(len(texts)) if j not in empty]
+        texts, images, ids = [texts[j] for j in keep], [images[j] for j in keep], [ids[j] for j in keep]
+    if not texts:
+        return texts, images, None
+    return texts, images, encoder.encode_ids(ids, progress=progress)
 
 
 def build_from_dataset(out: str | Path, checkpoint: str | Path, root: str | Path, split: str,
                        limit: int | None = None, storage: str = "fp16", grid: int | None = None,
                        text_encoder: str | Path | None = None, max_tokens: int | None = None,
                        overwrite: bool = False, progress: bool = True, backbone: str | None = None,
-                       image_size: int | None = None) -> GalleryIndex:
+                       image_size: int | None = None, extract_precision: str | None = None) -> GalleryIndex:
     """Index a prepared split (its cached features; computed now if missing) with the features
     the checkpoint was trained on (backbone, image size, grid, text encoder, max_tokens: None
     adopts the checkpoint's;
@@ -98,7 +114,7 @@ def build_from_dataset(out: str | Path, checkpoint: str | Path, root: str | Path
     require_index_out(out, overwrite, inputs=(root, checkpoint))  # before any feature is computed
     ckpt = Path(checkpoint)
     model, spec, _ = load_model_and_spec(ckpt)
-    opts = extraction_options(spec, grid, text_encoder, max_tokens, backbone, image_size)
+    opts = extraction_options(spec, grid, text_encoder, max_tokens, backbone, image_size, extract_precision)
     prepared = prepare_split(root, split, progress=progress, **opts)
     ds = prepared.dataset
     spec.require_match(ds.spec, f"checkpoint {ckpt}", f"{root}, split {split}")
@@ -139,22 +155,20 @@ def build_from_folder(out: str | Path, checkpoint: str | Path, folder: str | Pat
                       captions: str | Path | None = None, storage: str = "fp16", grid: int | None = None,
                       text_encoder: str | Path | None = None, max_tokens: int | None = None,
                       overwrite: bool = False, progress: bool = True, backbone: str | None = None,
-                      image_size: int | None = None) -> GalleryIndex:
+                      image_size: int | None = None, extract_precision: str | None = None) -> GalleryIndex:
     """Index every image of a folder (features through the backbone the checkpoint was trained
     with, as in `build_from_dataset`); captions from `captions` (captions.tsv by filename, or
     plain lines) or the folder's captions.tsv."""
-    from mmca.features import TextEncoder
-
     require_index_out(out, overwrite, inputs=(folder, checkpoint) + ((captions,) if captions else ()))
     ckpt = Path(checkpoint)
     model, spec, _ = load_model_and_spec(ckpt)
-    opts = extraction_options(spec, grid, text_encoder, max_tokens, backbone, image_size)
+    opts = extraction_options(spec, grid, text_encoder, max_tokens, backbone, image_size, extract_precision)
     folder = Path(folder).resolve()
     paths = list_images(folder)
     if captions is None and (folder / "captions.tsv").is_file():
         captions = folder / "captions.tsv"
     require_images(paths)
-    extractor, encoder = image_backbone(opts), TextEncoder(opts["text_encoder"], opts["max_tokens"])
+    extractor, encoder = image_backbone(opts), options_text_encoder(opts)
     found = FeatureSpec.from_extractors(extractor, encoder)
     spec.require_match(found, f"checkpoint {ckpt}", f"the backbone and text encoder for {folder}")
     _check_dims(model, extractor.dim, encoder.dim, ckpt)
@@ -164,7 +178,7 @@ def build_from_folder(out: str | Path, checkpoint: str | Path, folder: str | Pat
     bank = engine.image_bank(_extract(extractor, paths, progress))
     names = [p.name for p in paths]
     texts, images = _read_captions(captions, names)
-    tokens = _encode_captions(encoder, texts, progress)
+    texts, images, tokens = _encode_captions(encoder, texts, images, captions, progress)
     with IndexWriter(out, meta, overwrite) as w:
         w.add_images(bank, names, [str(p) for p in paths])
         if tokens is not None:
@@ -216,8 +230,6 @@ def add_to_index(index: str | Path, images: Sequence[str | Path], checkpoint: st
     rebuilding it -> (images added, captions added). An image (by resolved path) or a caption
     (by text and image) the index already holds is skipped: checked once before features are
     computed, and again under the write lock, so repeated and concurrent adds store each once."""
-    from mmca.features import TextEncoder
-
     idx = GalleryIndex(index)
     ckpt = idx.resolve_checkpoint(checkpoint)
     if not idx.has_photos:
@@ -225,17 +237,18 @@ def add_to_index(index: str | Path, images: Sequence[str | Path], checkpoint: st
                         "build a separate index of your image folder")
     model, _ = load_model(ckpt)
     opts = idx.extraction_options()
-    backbone, encoder = image_backbone(opts), TextEncoder(opts["text_encoder"], opts["max_tokens"])
+    backbone, encoder = image_backbone(opts), options_text_encoder(opts)
     paths, roots = _unique_images(images)
     known = {p for p in idx.image_paths if p}
     paths = [p for p in paths if str(p) not in known]
     require_images(paths)
     names = list(idx.image_names) + [p.name for p in paths]
-    texts, cap_images = _read_captions(Path(captions) if captions else None, names)
+    source = Path(captions) if captions else None
+    texts, cap_images = _read_captions(source, names)
+    texts, cap_images, tokens = _encode_captions(encoder, texts, cap_images, source, progress)
     cap_names = [None if i is None else names[i] for i in cap_images]
     engine = ScoringEngine(model, "cpu")
     bank = engine.image_bank(_extract(backbone, paths, progress)) if paths else None
-    tokens = _encode_captions(encoder, texts, progress)
     with IndexWriter(idx.path) as w:
         w.add_gallery_roots(roots)
         indexed = w.image_paths()

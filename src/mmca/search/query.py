@@ -33,7 +33,7 @@ from mmca.engine.heatmap import token_heatmap
 from mmca.errors import DataError, MmcaError
 from mmca.features.backbone import MIN_SIDE, fit_photo
 from mmca.features.images import IMAGE_FORMATS, IMAGE_TYPES
-from mmca.features.options import image_backbone
+from mmca.features.options import image_backbone, text_encoder as options_text_encoder
 from mmca.features.sentences import is_unicode_text, wordless
 from mmca.search.index import GalleryIndex
 
@@ -123,8 +123,6 @@ class Searcher:
     def __init__(self, index: str | Path | GalleryIndex, checkpoint: str | Path | None = None,
                  resident: bool | None = None, resident_limit: int = 4 << 30,
                  text_encoder: str | Path | None = None):
-        from mmca.features import TextEncoder
-
         self.index = index if isinstance(index, GalleryIndex) else GalleryIndex(index)
         self.checkpoint = self.index.resolve_checkpoint(checkpoint)
         self.model, trained_on, _ = load_model_and_spec(self.checkpoint)
@@ -132,7 +130,7 @@ class Searcher:
         self.engine = ScoringEngine(self.model, "cpu", "fp32")
         meta = self.index.meta
         self.options = self.index.extraction_options(text_encoder)  # the installed encoder checked too
-        self.encoder = TextEncoder(self.options["text_encoder"], self.options["max_tokens"])
+        self.encoder = options_text_encoder(self.options)
         self.i0 = self.index.i0()
         n = self.index.num_images
         fp32_bytes = self.index.storage_bytes * (2 if meta.get("storage") == "fp16" else 1)
