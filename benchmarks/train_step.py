@@ -172,7 +172,7 @@ def main() -> int:
     model.train()
     config = payload["train_config"]
     epoch = json.loads(payload["state"])["epoch"] if "state" in payload else 0  # the epoch in progress
-    ds = open_dataset(args.dataset, "train", cache_dir=args.cache, progress=False, **extraction_options(spec))
+    ds = open_dataset(args.dataset, "train", extraction_options(spec), cache_dir=args.cache, progress=False)
     spec.require_match(ds.spec, args.checkpoint, f"{args.dataset} train")
     batches = load_batches(ds, epoch, args.steps, config["seed"], config["batch_size"])
     precision = resolve_precision(args.precision).precision

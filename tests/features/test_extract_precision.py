@@ -14,7 +14,7 @@ from mmca import hardware
 from mmca.data.spec import FeatureSpec
 from mmca.errors import CheckpointError, MmcaError
 from mmca.features.backbone import ImageBackbone
-from mmca.features.options import extraction_options
+from mmca.features.options import FeatureOptions, FeatureRequest, extraction_options
 from mmca.features.precision import ExtractPrecision, resolve_extract_precision
 from mmca.features.prepare import prepare_split
 from mmca.features.text_encoder import TextEncoder
@@ -88,18 +88,18 @@ def test_a_cache_made_in_int8_is_its_own_entry_and_a_model_of_fp32_features_refu
         make_dataset, tmp_path: Path) -> None:
     root, store = make_dataset(3), tmp_path / "cache"
     fp32 = prepare_split(root, "dev", cache_dir=store, progress=False)
-    int8 = prepare_split(root, "dev", cache_dir=store, progress=False, precision=INT8)
+    int8 = prepare_split(root, "dev", FeatureOptions(precision=INT8), cache_dir=store, progress=False)
     assert [e.kind for e in int8.entries if not e.reused] == ["text"]  # the images (fp32 either way) are shared
     assert int8.dataset.spec.text.precision == "int8" and int8.entries[-1].path != fp32.entries[-1].path
     assert all(e.reused for e in prepare_split(root, "dev", cache_dir=store, progress=False).entries)
     with pytest.raises(CheckpointError, match="text precision: 'fp32' vs 'int8'"):
         fp32.dataset.spec.require_match(int8.dataset.spec, "the model", "the features")
     with pytest.raises(CheckpointError, match="--extract-precision int8") as err:
-        extraction_options(fp32.dataset.spec, precision="int8")  # a flag against the model's spec
+        extraction_options(fp32.dataset.spec, FeatureRequest(precision="int8"))  # a flag against the model's spec
     assert "leave these flags out" in (err.value.hint or "")
     adopted = extraction_options(int8.dataset.spec)
-    assert adopted["precision"].text == "int8"  # a later job recomputes the model's own features
-    again = prepare_split(root, "dev", cache_dir=store, progress=False, **adopted)
+    assert adopted.precision.text == "int8"  # a later job recomputes the model's own features
+    again = prepare_split(root, "dev", adopted, cache_dir=store, progress=False)
     assert all(e.reused for e in again.entries) and again.dataset.spec.differences(int8.dataset.spec) == []
 
 

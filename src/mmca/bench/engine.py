@@ -28,7 +28,7 @@ from mmca.engine.mining import exhaustive_loss, mined_loss
 from mmca.engine.pairs import pair_flops
 from mmca.engine.precision import native_bf16, resolve_precision
 from mmca.engine.scoring import ScoringEngine, inference_mode
-from mmca.features.options import extraction_options
+from mmca.features.options import FeatureOptions, extraction_options
 from mmca.features.prepare import open_dataset
 from mmca.metrics import DIRECTIONS, RECALL_AT, retrieval_metrics
 from mmca.model import MMCA
@@ -234,7 +234,7 @@ def bench_ranks(model, opts: EngineOptions, log, spec: FeatureSpec | None = None
     w = opts.work
     eng = ScoringEngine(model, device=w.device)
     if w.dataset:
-        ds = open_dataset(w.dataset, w.split, **(extraction_options(spec) if spec else {}))
+        ds = open_dataset(w.dataset, w.split, extraction_options(spec) if spec else FeatureOptions())
         if spec is not None:
             spec.require_match(ds.spec, w.checkpoint, f"{w.dataset} {w.split}")
         ib, tb = eng.image_bank(ds), eng.text_bank(ds.token_features)

@@ -101,9 +101,10 @@ def run(args: argparse.Namespace) -> int:
     check_protocol(protocol, source.caption_image, source.num_images, source.captions_per_image,
                    f"{source.root}, split {args.split!r}")
     spec.require_source(source.image_features is not None, f"{source.root}, split {args.split!r}")
+    features = feature_options(args, spec)
     dataset = shard.main_first(lambda: open_dataset(  # rank 0 fills the feature cache, the others read it
-        args.dataset, args.split, cache_dir=args.cache, captions_per_image=cpi, source=source,
-        progress=shard.main, **feature_options(args, spec)))
+        args.dataset, args.split, features, cache_dir=args.cache, captions_per_image=cpi, source=source,
+        progress=shard.main))
 
     result = evaluate(model, dataset, protocol, mode=args.mode, device=device, precision=args.precision,
                       max_rank=None if args.full_ranks else DEFAULT_MAX_RANK, shortlist_k=args.shortlist_k,

@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
         prepared = prepare_split(
             args.dataset,
             split,
+            features,
             cache_dir=args.cache,
-            **features,
             captions_per_image=args.captions_per_image or None,
             progress=not args.no_progress,
             force=args.force,
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     print(_table(rows))
     for line in described:
         print(f"features: {line}")
-    print(f"extraction precision: {features['precision'].reason}")
+    print(f"extraction precision: {features.precision.reason}")
     for folder in folders:
         print(f"cache: {folder}")
     return 0

@@ -84,9 +84,9 @@ def run(args: argparse.Namespace) -> int:
     say = print if shard.main else (lambda *a, **k: None)
     progress = progress and shard.main
     train_set, dev_set = shard.main_first(lambda: (  # rank 0 fills the feature cache first
-        open_dataset(args.dataset, args.train_split, cache_dir=args.cache, progress=progress,
-                     mirror=config.mirror_images, **features),
-        open_dataset(args.dataset, args.val_split, cache_dir=args.cache, progress=progress, **features)))
+        open_dataset(args.dataset, args.train_split, features, cache_dir=args.cache, progress=progress,
+                     mirror=config.mirror_images),
+        open_dataset(args.dataset, args.val_split, features, cache_dir=args.cache, progress=progress)))
     for ds in (train_set, dev_set):
         say("  ".join(f"{k}: {v}" for k, v in ds.summary().items()))
 

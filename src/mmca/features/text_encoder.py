@@ -92,6 +92,7 @@ TEXT_ENCODERS = {
     )
 }
 DEFAULT_TEXT_ENCODER = "minilm"
+DEFAULT_MAX_TOKENS = 64  # [CLS] and [SEP] included
 
 
 def _missing(entry: EncoderEntry) -> DataError:
@@ -266,7 +267,7 @@ class TextEncoder:
     computes in (PRECISIONS; states are stored as float16 either way).
     """
 
-    def __init__(self, model_dir: str | Path | None = None, max_tokens: int = 64, precision: str = FP32):
+    def __init__(self, model_dir: str | Path | None = None, max_tokens: int = DEFAULT_MAX_TOKENS, precision: str = FP32):
         """`model_dir`: a directory or a registered name (TEXT_ENCODERS); None: the default."""
         if precision not in PRECISIONS or (precision == "int8" and not int8_engine()):
             raise MmcaError(f"text encoders compute in {', '.join(PRECISIONS)} (int8 on x86 only), not {precision!r}",

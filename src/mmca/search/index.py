@@ -41,7 +41,7 @@ import torch
 from mmca.checkpoint import checkpoint_identity
 from mmca.data.spec import ARRAYS, PRECOMP, FeatureSpec
 from mmca.errors import CheckpointError, DataError, MmcaError
-from mmca.features.options import extraction_options
+from mmca.features.options import FeatureOptions, FeatureRequest, extraction_options
 from mmca.folders import build_sibling, kind_of, mark, require_writable, sweep_leftovers
 
 FORMAT = "mmca-index-v1"
@@ -198,10 +198,10 @@ class GalleryIndex:
         """Whether its features come from photos through a backbone (not precomputed ones)."""
         return self.spec.image.source not in (PRECOMP, ARRAYS)
 
-    def extraction_options(self, text_encoder: str | Path | None = None) -> dict[str, Any]:
-        """The extractors' options that compute the index's features, checked against its spec
-        before any feature is computed (`mmca.features.options`)."""
-        return extraction_options(self.spec, text_encoder=text_encoder)
+    def extraction_options(self, text_encoder: str | Path | None = None) -> FeatureOptions:
+        """The extractors' options that compute the index's features, read from the spec it
+        records and checked against it before any feature is computed (`mmca.features.options`)."""
+        return extraction_options(self.spec, FeatureRequest(text_encoder=text_encoder))
 
     def resolve_checkpoint(self, path: str | Path | None) -> Path:
         if path is None:
