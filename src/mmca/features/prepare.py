@@ -130,19 +130,12 @@ def prepare_split(
     return PreparedSplit(dataset, entries, time.perf_counter() - started)
 
 
-def open_dataset(
-    root: str | Path,
-    split: str,
-    features: FeatureOptions = FeatureOptions(),
-    *,
-    cache_dir: str | Path | None = None,
-    captions_per_image: int | None = 5,
-    progress: bool = True,
-    workers: int | None = None,
-    mirror: bool = False,
-    source: SplitSource | None = None,
-) -> RetrievalDataset:
-    """The public entry: a split with its frozen features, from the cache when it is valid."""
+def open_dataset(root: str | Path, split: str, features: FeatureOptions = FeatureOptions(), *,
+                 cache_dir: str | Path | None = None, captions_per_image: int | None = 5, progress: bool = True,
+                 workers: int | None = None, mirror: bool = False,
+                 source: SplitSource | None = None) -> RetrievalDataset:
+    """The public entry: a split with its frozen features, from the cache when it is valid
+    (`prepare_split`'s dataset; its keywords but `force`)."""
     return prepare_split(root, split, features, cache_dir=cache_dir, captions_per_image=captions_per_image,
                          progress=progress, workers=workers, mirror=mirror, source=source).dataset
 
