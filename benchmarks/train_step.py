@@ -39,8 +39,8 @@ from mmca.checkpoint import load_model_and_spec
 from mmca.engine import mining
 from mmca.engine.precision import resolve_precision
 from mmca.engine.scoring import ScoringEngine, inference_mode
-from mmca.features.prepare import open_dataset
 from mmca.features.options import extraction_options
+from mmca.features.prepare import open_dataset
 from mmca.loss import max_violation_loss
 from mmca.model import MMCA
 from mmca.runtime import retain_freed_memory

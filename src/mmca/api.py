@@ -29,14 +29,14 @@ from PIL import Image
 from mmca.data.dataset import TokenFeatures
 from mmca.data.spec import ARRAYS, PRECOMP, FeatureSpec
 from mmca.engine import ImageBank, ScoringEngine, TextBank
-from mmca.engine.precision import CHOICES, resolve_precision
 from mmca.engine.guards import full_fp32
 from mmca.engine.heatmap import token_heatmap
+from mmca.engine.precision import CHOICES, resolve_precision
 from mmca.errors import ConfigError, DataError, MmcaError
-from mmca.hardware import usable_device
 from mmca.features.images import list_images, require_images
 from mmca.features.options import FeatureOptions, FeatureRequest, extraction_options
 from mmca.features.sentences import is_unicode_text, wordless
+from mmca.hardware import usable_device
 
 if TYPE_CHECKING:
     from mmca.search import Searcher
@@ -225,7 +225,8 @@ class Retriever:
         ids, _ = self.text_encoder.tokenize(texts)
         empty = wordless(ids, self.text_encoder.tokenizer)
         if empty:
-            which = f"sentence {empty[0]} has" if len(empty) == 1 else f"sentences {', '.join(map(str, empty[:5]))} have"
+            which = (f"sentence {empty[0]} has" if len(empty) == 1
+                     else f"sentences {', '.join(map(str, empty[:5]))} have")
             raise DataError(f"{which} no visible characters (only control, zero-width or space characters)",
                             "remove them (they carry no query)")
         tokens = self.text_encoder.encode_ids(ids, progress=progress)

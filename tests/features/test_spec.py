@@ -11,9 +11,9 @@ import torch
 
 from mmca.checkpoint import checkpoint_spec, read_checkpoint, save_checkpoint
 from mmca.config import ModelConfig
+from mmca.data.spec import FeatureSpec
 from mmca.errors import CheckpointError
 from mmca.features import FeatureOptions, FeatureRequest, ImageBackbone, TextEncoder, extraction_options, open_dataset
-from mmca.data.spec import FeatureSpec
 from mmca.model import MMCA
 
 

@@ -12,11 +12,11 @@ import torch
 
 from mmca.cli import main
 from mmca.engine import ImageBank
+from mmca.engine.heatmap import cross_token_region_attention
 from mmca.errors import CheckpointError, DataError
 from mmca.features import FeatureRequest
 from mmca.search import GalleryIndex, Searcher, add_to_index, build_from_folder
 from mmca.search.index import IMAGE_FIELDS, IndexWriter
-from mmca.engine.heatmap import cross_token_region_attention
 from mmca.search.query import merge_topk
 
 N_IMAGES = 20  # as in conftest.py

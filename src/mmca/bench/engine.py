@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -120,7 +121,7 @@ def bench_roof(model, opts: EngineOptions, log, rounds: int = 3) -> dict:
             for _ in range(rounds):
                 roof = max(roof, gemm_rate(rows, c.d, c.d, dtype, w.device))
                 for name, e in engines.items():
-                    rates[name] = max(rates[name], _best_rate(lambda: e.full_scores(ib, tb), pairs, w.device,
+                    rates[name] = max(rates[name], _best_rate(partial(e.full_scores, ib, tb), pairs, w.device,
                                                               repeat=1))
             diff = float((fused.full_scores(ib, tb) - eng.full_scores(ib, tb)).abs().max())
         out.update({f"{p}_roof_gflops": roof, f"{p}_pair_mflop": flops / 1e6, "gemm_shape": [rows, c.d, c.d],
@@ -176,7 +177,7 @@ def bench_scoring(model, opts: EngineOptions, log) -> dict:
             ib = eng.image_bank(regions.to(eng.device))
             tb = eng.text_bank((tokens, mask))
             full = eng.full_scores(ib, tb)
-            out[f"{precision}_pairs_per_s"] = _best_rate(lambda: eng.full_scores(ib, tb), pairs, w.device)
+            out[f"{precision}_pairs_per_s"] = _best_rate(partial(eng.full_scores, ib, tb), pairs, w.device)
             out[f"{precision}_max_abs_diff_vs_plain"] = float((full.cpu() - ref).abs().max())
     for p in ("fp32", "bf16"):
         out[f"{p}_speedup"] = out[f"{p}_pairs_per_s"] / out["plain_pairs_per_s"]

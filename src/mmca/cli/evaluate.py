@@ -82,10 +82,9 @@ def run(args: argparse.Namespace) -> int:
     from mmca.checkpoint import load_model_and_spec
     from mmca.data.layouts import read_split
     from mmca.dist import init_from_env
-    from mmca.hardware import usable_device
-    from mmca.evaluate import (check_protocol, evaluate, format_table, require_results_file, results_name,
-                                write_results)
+    from mmca.evaluate import check_protocol, evaluate, format_table, require_results_file, results_name, write_results
     from mmca.features.prepare import open_dataset
+    from mmca.hardware import usable_device
 
     if args.out is not None:
         require_results_file(args.out)  # before the checkpoint is read or any feature computed

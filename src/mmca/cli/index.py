@@ -64,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
                              "storage")
                  if getattr(args, f) is not None]
         if given:
-            raise MmcaError(f"--add uses the index's own features and storage; {', '.join('--' + f.replace('_', '-') for f in given)} "
-                            "cannot change them", "leave these flags out, or build a new index")
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise MmcaError(f"--add uses the index's own features and storage; {flags} cannot change them",
+                            "leave these flags out, or build a new index")
         n_img, n_cap = add_to_index(args.index, args.add, args.checkpoint, args.captions)
         summary = GalleryIndex(args.index).describe()
         summary.update({"added_images": n_img, "added_captions": n_cap})

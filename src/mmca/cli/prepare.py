@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
     splits = args.splits or list_splits(args.dataset)
     if not splits:
-        raise DataError(f"{args.dataset} has no splits", "add splits/NAME.txt (images folder) or NAME_caps.txt (precomp)")
+        raise DataError(f"{args.dataset} has no splits",
+                        "add splits/NAME.txt (images folder) or NAME_caps.txt (precomp)")
     rows: list[dict[str, str]] = []
     folders: dict[Path, None] = {}
     described: dict[str, None] = {}

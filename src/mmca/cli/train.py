@@ -10,9 +10,9 @@ from mmca.cli.features import add_feature_arguments, checkpoint_feature_spec, fe
 from mmca.config import PRESETS, preset
 from mmca.dist import add_arguments as add_dist_arguments
 from mmca.dist import init_from_env
-from mmca.hardware import usable_device
 from mmca.errors import MmcaError
 from mmca.folders import require_writable
+from mmca.hardware import usable_device
 
 NAME = "train"
 HELP = "train a model (hardest-negative triplet loss, best checkpoint by dev rsum)"

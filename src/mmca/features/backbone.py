@@ -212,7 +212,8 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(
             f"cannot read image {path}: {err}",
-            "replace the file with a valid image (in a dataset you may instead remove it from the split list and captions.tsv)",
+            "replace the file with a valid image "
+            "(in a dataset you may instead remove it from the split list and captions.tsv)",
         ) from err
 
 

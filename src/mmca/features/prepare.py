@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mmca.data.dataset import RetrievalDataset, SplitSource, TokenFeatures
-from mmca.data.layouts import read_split
-from mmca.errors import DataError
 import mmca.features.cache as cache
 import mmca.features.parallel as parallel
-from mmca.features.backbone import ImageBackbone
+from mmca.data.dataset import RetrievalDataset, SplitSource, TokenFeatures
+from mmca.data.layouts import read_split
 from mmca.data.spec import FeatureSpec, precomp_image_spec, text_spec
+from mmca.errors import DataError
+from mmca.features.backbone import ImageBackbone
 from mmca.features.options import FeatureOptions
 from mmca.features.precision import FP32
 from mmca.features.text_encoder import TextEncoder

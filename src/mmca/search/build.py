@@ -10,16 +10,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from mmca.checkpoint import load_model, load_model_and_spec
+from mmca.checkpoint import checkpoint_identity, load_model, load_model_and_spec
 from mmca.data.dataset import TokenFeatures
-from mmca.checkpoint import checkpoint_identity
+from mmca.data.spec import FeatureSpec
 from mmca.engine import ScoringEngine
 from mmca.engine.bank import ImageBank
 from mmca.errors import CheckpointError, DataError, MmcaError
-from mmca.data.spec import FeatureSpec
+from mmca.features.images import list_images, require_images
 from mmca.features.options import FeatureRequest, extraction_options
 from mmca.features.prepare import prepare_split
-from mmca.features.images import list_images, require_images
 from mmca.features.sentences import wordless
 from mmca.search.index import STORAGE, GalleryIndex, IndexWriter, require_index_out
 
@@ -202,7 +201,8 @@ def _select_images(bank: ImageBank, rows: list[int]) -> ImageBank:
     return ImageBank(**{f: getattr(bank, f)[index] for f in ImageBank.FIELDS})
 
 
-def _fresh_captions(w: IndexWriter, texts: list[str], image_names: list[str | None]) -> tuple[list[int], list[int | None]]:
+def _fresh_captions(w: IndexWriter, texts: list[str],
+                    image_names: list[str | None]) -> tuple[list[int], list[int | None]]:
     """Which captions the index does not hold yet (each once), read under the write lock ->
     (their positions in `texts`, the image id each names)."""
     by_name = {n: i for i, n in enumerate(w.image_names())}

@@ -224,7 +224,8 @@ class GalleryIndex:
         return torch.from_numpy(np.concatenate([np.asarray(s.arrays["i0"], dtype=np.float32)
                                                 for s in self.image_shards]))
 
-    def image_rows(self, ids: Sequence[int] | np.ndarray, fields: Sequence[str] = IMAGE_FIELDS) -> dict[str, torch.Tensor]:
+    def image_rows(self, ids: Sequence[int] | np.ndarray,
+                   fields: Sequence[str] = IMAGE_FIELDS) -> dict[str, torch.Tensor]:
         """The bank fields of the given images (in the given order) as float32 tensors."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if len(ids) and (ids.min() < 0 or ids.max() >= self.num_images):

@@ -198,7 +198,8 @@ class Searcher:
         passes0 = self.engine.pair_passes
         k = min(k, len(self.index.captions))
         s, i = self.engine.topk_captions(bank, self.caption_bank, k)
-        stats = SearchStats((time.perf_counter() - t0) * 1e3, len(self.index.captions), self.engine.pair_passes - passes0)
+        stats = SearchStats((time.perf_counter() - t0) * 1e3, len(self.index.captions),
+                            self.engine.pair_passes - passes0)
         out = []
         for v, j in zip(s[0].tolist(), i[0].tolist()):
             img = int(self.index.caption_image[j])
