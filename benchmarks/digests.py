@@ -20,7 +20,6 @@ from pathlib import Path
 from mmca.features.cache import content_fingerprint
 
 
-
 def drop_from_page_cache(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

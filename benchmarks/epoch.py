@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         cuda = torch.device(device).type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        trainer = Trainer(config, train_set, dev_set, out, device=device, progress=shard.main and not args.no_progress, shard=shard,
+        trainer = Trainer(config, train_set, dev_set, out, device=device,
+                          progress=shard.main and not args.no_progress, shard=shard,
                           log=print if shard.main else (lambda _: None))
         t1 = time.perf_counter()
         trainer.run()

@@ -115,14 +115,15 @@ def text_cases(captions: list[str], threads: list[int], structure: bool, encoder
                 break
             ids = enc.tokenize(captions)[0]
             for t in threads:
-                cases.append(Case(f"{name} {precision} {t}t", "cap", len(captions), lambda enc=enc, ids=ids: enc.encode_ids(ids),
-                                  t, f"{name} fp32 {t}t"))
+                cases.append(Case(f"{name} {precision} {t}t", "cap", len(captions),
+                                  lambda enc=enc, ids=ids: enc.encode_ids(ids), t, f"{name} fp32 {t}t"))
     if structure and any(c.label.startswith("mpnet") for c in cases):
         enc = TextEncoder("mpnet")
         ids = enc.tokenize(captions)[0]
         for tokens in (512, 1024, 4096, 8192):
             cases.append(Case(f"mpnet fp32 {tokens} tokens/batch 1t", "cap", len(captions),
-                              lambda tokens=tokens: _with_tokens(tokens, lambda: enc.encode_ids(ids)), 1, "mpnet fp32 1t"))
+                              lambda tokens=tokens: _with_tokens(tokens, lambda: enc.encode_ids(ids)), 1,
+                              "mpnet fp32 1t"))
     return cases
 
 
@@ -146,7 +147,8 @@ def time_cases(cases: list[Case], rounds: int) -> None:
             case.best = min(case.best, time.perf_counter() - t0)
 
 
-def drift(photos: list[Path], captions: list[str], backbones: list[str], encoders: list[str]) -> list[dict[str, object]]:
+def drift(photos: list[Path], captions: list[str], backbones: list[str],
+          encoders: list[str]) -> list[dict[str, object]]:
     """Cosine to fp32 of every region (grid 7) and every token state, in each other precision."""
     torch.set_num_threads(2)
     rows = []

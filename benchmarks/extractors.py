@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmca.errors import MmcaError
 from mmca.features.backbone import BACKBONES, DEFAULT_BACKBONE, ImageBackbone
 from mmca.features.text_encoder import DEFAULT_TEXT_ENCODER, TEXT_ENCODERS, TextEncoder
-from mmca.errors import MmcaError
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
 
@@ -73,7 +73,8 @@ def main() -> int:
     for key, (unit, n, _) in jobs.items():
         rate = n / best[key]
         base = best[base_img if unit == "img" else base_cap]
-        rows.append({"extractor": key, "unit": f"{unit}/s", "rate": round(rate, 1), "relative": round(base / best[key], 2)})
+        rows.append({"extractor": key, "unit": f"{unit}/s", "rate": round(rate, 1),
+                     "relative": round(base / best[key], 2)})
         print(f"{key:<28} {rate:>7.1f} {unit}/s  {base / best[key]:.2f}x")
     print(json.dumps(rows))
     return 0

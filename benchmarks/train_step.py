@@ -39,8 +39,8 @@ from mmca.checkpoint import load_model_and_spec
 from mmca.engine import mining
 from mmca.engine.precision import resolve_precision
 from mmca.engine.scoring import ScoringEngine, inference_mode
-from mmca.features.prepare import open_dataset
 from mmca.features.options import extraction_options
+from mmca.features.prepare import open_dataset
 from mmca.loss import max_violation_loss
 from mmca.model import MMCA
 from mmca.runtime import retain_freed_memory
@@ -172,7 +172,7 @@ def main() -> int:
     model.train()
     config = payload["train_config"]
     epoch = json.loads(payload["state"])["epoch"] if "state" in payload else 0  # the epoch in progress
-    ds = open_dataset(args.dataset, "train", cache_dir=args.cache, progress=False, **extraction_options(spec))
+    ds = open_dataset(args.dataset, "train", extraction_options(spec), cache_dir=args.cache, progress=False)
     spec.require_match(ds.spec, args.checkpoint, f"{args.dataset} train")
     batches = load_batches(ds, epoch, args.steps, config["seed"], config["batch_size"])
     precision = resolve_precision(args.precision).precision

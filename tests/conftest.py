@@ -21,7 +21,8 @@ STRICT = "MMCA_REQUIRE_ALL"
 
 
 def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", f"optional: may skip even under {STRICT}=1 (an optional extra not installed, or bf16 units the CPU lacks)")
+    config.addinivalue_line("markers", f"optional: may skip even under {STRICT}=1 "
+                                       "(an optional extra not installed, or bf16 units the CPU lacks)")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -63,8 +64,8 @@ N_IMAGES = 20
 
 
 def small_checkpoint(path: Path, seed: int, backbone: str = "mobilenet_v2", image_size: int | None = None) -> Path:
-    from mmca.features import ImageBackbone, TextEncoder
     from mmca.data.spec import FeatureSpec
+    from mmca.features import ImageBackbone, TextEncoder
 
     torch.manual_seed(seed)
     spec = FeatureSpec.from_extractors(ImageBackbone(6, backbone, image_size), TextEncoder())

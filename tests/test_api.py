@@ -86,7 +86,8 @@ def test_score_topk_and_search_agree(retriever, images):
     assert ids.shape == (len(images), 3) and (ids[:, 0] == s.argmax(1)).all()
     hits = retriever.search(QUERY, images, k=5)
     assert [h.index for h in hits] == torch.sort(s[:, 0], descending=True, stable=True).indices[:5].tolist()
-    assert hits[0].item == images.names[hits[0].index] and hits[0].score == pytest.approx(float(s[:, 0].max()), abs=1e-5)
+    assert hits[0].item == images.names[hits[0].index]
+    assert hits[0].score == pytest.approx(float(s[:, 0].max()), abs=1e-5)
 
 
 def test_a_photo_queries_sentences_and_pil_images_equal_files(retriever, images, photos):
@@ -167,7 +168,8 @@ def test_a_gallery_of_another_model_is_refused(retriever, other_checkpoint, imag
 
 
 def test_model_directory_holds_config_weights_and_card(model_dir, checkpoint):
-    assert sorted(p.name for p in model_dir.iterdir()) == [".mmca-folder.json", "README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in model_dir.iterdir()) == [".mmca-folder.json", "README.md", "config.json",
+                                                           "model.safetensors"]
     config = json.loads((model_dir / "config.json").read_text())
     assert config["format"] == "mmca-model-dir-v1" and config["feature_spec"]["image"]["grid"] == 6
     assert config["mmca_version"] == mmca.__version__ and config["command"] == "pytest"
@@ -207,9 +209,8 @@ def test_exported_config_holds_no_local_paths(model_dir):
 def test_weights_converted_to_fp16_load_as_float32(model_dir, tmp_path):
     import shutil
 
-    from safetensors.torch import load_file, save_file
-
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     from mmca.checkpoint import file_sha256
 
@@ -283,13 +284,12 @@ def test_a_model_directory_is_never_unpickled(model_dir, tmp_path):
 
 
 def test_an_exported_model_evaluates_as_its_checkpoint(tmp_path):
-    from test_dist import precomp_dataset
-
     from mmca.checkpoint import save_checkpoint
     from mmca.config import ModelConfig
-    from mmca.features import TextEncoder
     from mmca.data.spec import FeatureSpec, precomp_image_spec, text_spec
+    from mmca.features import TextEncoder
     from mmca.model import MMCA
+    from test_dist import precomp_dataset
 
     root = tmp_path / "precomp"
     precomp_dataset(root, np.random.default_rng(0))

@@ -22,9 +22,10 @@ def test_train_step_profiles_and_compares_a_real_step(tmp_path):
              "off", "--hidden", "16", "--heads", "2", "--batch-size", "16", "--cache", cache, "--no-progress",
              "--out", tmp_path / "run")
     out = tmp_path / "step.json"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_step.py"), str(tmp_path / "run" / "last.pt"),
-                           str(root), "--cache", str(cache), "--steps", "2", "--rounds", "1", "--bf16-error",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300,
+    script = REPO / "benchmarks" / "train_step.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "run" / "last.pt"), str(root), "--cache",
+                           str(cache), "--steps", "2", "--rounds", "1", "--bf16-error", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())

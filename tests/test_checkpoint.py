@@ -3,8 +3,8 @@ import torch
 
 from mmca.checkpoint import load_model, save_checkpoint
 from mmca.config import ModelConfig
-from mmca.errors import CheckpointError
 from mmca.data.spec import FeatureSpec
+from mmca.errors import CheckpointError
 from mmca.model import MMCA
 
 

@@ -147,7 +147,8 @@ def tiny_images_dataset(flickr8k, root, train: int = 10, dev: int = 4):
         for name in names[split]:
             shutil.copy(flickr8k / "images" / name, root / "images" / name)
     keep = set(names["train"]) | set(names["dev"])
-    lines = [x for x in (flickr8k / "captions.tsv").read_text(encoding="utf-8").splitlines() if x.split("\t")[0] in keep]
+    lines = [x for x in (flickr8k / "captions.tsv").read_text(encoding="utf-8").splitlines()
+             if x.split("\t")[0] in keep]
     (root / "captions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -35,7 +35,8 @@ def gallery(seed: int = 0) -> RetrievalDataset:
     images[1] = images[0]  # tied scores: the tie conventions must hold across ranks too
     return RetrievalDataset(name="g", split="dev", image_ids=[str(i) for i in range(n)],
                             captions=[f"c{j}" for j in range(n * cpi)], caption_image=np.repeat(np.arange(n), cpi),
-                            captions_per_image=cpi, image_features=images, token_features=TokenFeatures(states, offsets))
+                            captions_per_image=cpi, image_features=images,
+                            token_features=TokenFeatures(states, offsets))
 
 
 def model() -> MMCA:
@@ -133,8 +134,8 @@ def test_torchrun_evaluate_writes_the_single_process_result(tmp_path, precomp):
     """`torchrun --nproc-per-node 2 -m mmca evaluate` end to end: one results file, equal to
     the plain command's."""
     from mmca.checkpoint import save_checkpoint
-    from mmca.features import TextEncoder
     from mmca.data.spec import FeatureSpec, precomp_image_spec, text_spec
+    from mmca.features import TextEncoder
 
     root, cache = precomp
     spec = FeatureSpec(precomp_image_spec(root / "dev_ims.npy", (8, 4, 8), "float32"), text_spec(TextEncoder()))
@@ -175,9 +176,8 @@ def train_config():
 
 
 def trainer(out_dir, shard=None, resume=False):
-    from test_train import synthetic_split
-
     from mmca.train import Trainer
+    from test_train import synthetic_split
 
     return Trainer(train_config(), synthetic_split(24, 1), synthetic_split(10, 2), out_dir, resume=resume,
                    progress=False, log=lambda _: None, shard=shard)

@@ -168,9 +168,8 @@ def precomp(tmp_path):
 @pytest.fixture
 def checkpoint(tmp_path):
     from mmca.checkpoint import save_checkpoint
-
-    from mmca.features import TextEncoder
     from mmca.data.spec import FeatureSpec, precomp_image_spec, text_spec
+    from mmca.features import TextEncoder
 
     torch.manual_seed(0)
     spec = FeatureSpec(precomp_image_spec(tmp_path / "dev_ims.npy", (6, 4, 8), "float32"), text_spec(TextEncoder()))

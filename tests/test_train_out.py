@@ -5,12 +5,12 @@ refused before any work and left byte for byte as they were."""
 from __future__ import annotations
 
 import pytest
-from test_train import TINY, train_tiny
 
 import mmca
 from mmca.cli import main
 from mmca.export import export_model_dir
 from mmca.folders import MARKER, FolderError, kind_of
+from test_train import TINY, train_tiny
 
 
 @pytest.fixture()

@@ -29,14 +29,14 @@ from PIL import Image
 from mmca.data.dataset import TokenFeatures
 from mmca.data.spec import ARRAYS, PRECOMP, FeatureSpec
 from mmca.engine import ImageBank, ScoringEngine, TextBank
-from mmca.engine.precision import CHOICES, resolve_precision
 from mmca.engine.guards import full_fp32
 from mmca.engine.heatmap import token_heatmap
+from mmca.engine.precision import CHOICES, resolve_precision
 from mmca.errors import ConfigError, DataError, MmcaError
-from mmca.hardware import usable_device
 from mmca.features.images import list_images, require_images
-from mmca.features.options import extraction_options, text_encoder as options_text_encoder
+from mmca.features.options import FeatureOptions, FeatureRequest, extraction_options
 from mmca.features.sentences import is_unicode_text, wordless
+from mmca.hardware import usable_device
 
 if TYPE_CHECKING:
     from mmca.search import Searcher
@@ -108,10 +108,11 @@ class Retriever:
         return f"Retriever({self.source or 'in-memory model'}; {self.spec.describe()}; {self.choice.precision})"
 
     # ---- the frozen extractors of the spec (built on first use, checked against the spec) -----
-    def _options(self) -> dict[str, Any]:
+    def _options(self) -> FeatureOptions:
         if "options" not in self._extractors:
             # refuses extractors that differ from the spec's
-            self._extractors["options"] = extraction_options(self.spec, text_encoder=self.text_encoder_dir)
+            request = FeatureRequest(text_encoder=self.text_encoder_dir)
+            self._extractors["options"] = extraction_options(self.spec, request)
         return self._extractors["options"]
 
     @property
@@ -121,8 +122,7 @@ class Retriever:
                             f"pass region features (N x {self.spec.image.regions} x {self.spec.image.dim}) "
                             "to encode_images")
         if "backbone" not in self._extractors:
-            from mmca.features.options import image_backbone
-            self._extractors["backbone"] = image_backbone(self._options())
+            self._extractors["backbone"] = self._options().image_backbone()
         return self._extractors["backbone"]
 
     @property
@@ -131,7 +131,7 @@ class Retriever:
             raise MmcaError("this model's text features are of unknown provenance: no text encoder to run",
                             "use a model trained with `mmca train`")
         if "text" not in self._extractors:
-            self._extractors["text"] = options_text_encoder(self._options())
+            self._extractors["text"] = self._options().encoder()
         return self._extractors["text"]
 
     # ---- encoding ---------------------------------------------------------------------------
@@ -225,7 +225,8 @@ class Retriever:
         ids, _ = self.text_encoder.tokenize(texts)
         empty = wordless(ids, self.text_encoder.tokenizer)
         if empty:
-            which = f"sentence {empty[0]} has" if len(empty) == 1 else f"sentences {', '.join(map(str, empty[:5]))} have"
+            which = (f"sentence {empty[0]} has" if len(empty) == 1
+                     else f"sentences {', '.join(map(str, empty[:5]))} have")
             raise DataError(f"{which} no visible characters (only control, zero-width or space characters)",
                             "remove them (they carry no query)")
         tokens = self.text_encoder.encode_ids(ids, progress=progress)

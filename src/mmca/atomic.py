@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-
 TEMP_SUFFIX = ".tmp"
 # mkstemp's random part: 8 characters of [a-z0-9_]
 _TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX))

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from mmca.config import ModelConfig
-from mmca.errors import CheckpointError
-from mmca.data.spec import FeatureSpec
 from mmca.atomic import atomic_write
+from mmca.config import ModelConfig
+from mmca.data.spec import FeatureSpec
+from mmca.errors import CheckpointError
 from mmca.model import MMCA
 
 FORMAT = "mmca-checkpoint-v1"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
 import math
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from mmca.errors import ConfigError

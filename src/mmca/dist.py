@@ -26,7 +26,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dist-backend", choices=("gloo", "nccl"), default=None,
                    help="under torchrun: the process group's backend (default: nccl on CUDA, gloo on CPU)")
     p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
-                   help=f"under torchrun: seconds a collective waits for the other ranks (default: {DEFAULT_TIMEOUT_S:g})")
+                   help="under torchrun: seconds a collective waits for the other ranks "
+                        f"(default: {DEFAULT_TIMEOUT_S:g})")
 
 
 def launched() -> bool:

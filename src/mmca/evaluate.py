@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmca.atomic import atomic_write_text
 from mmca.data.dataset import RetrievalDataset
+from mmca.data.spec import FeatureSpec
 from mmca.dist import Shard
 from mmca.engine import ScoringEngine
 from mmca.engine.precision import resolve_precision
 from mmca.errors import CheckpointError, DataError
-from mmca.data.spec import FeatureSpec
-from mmca.atomic import atomic_write_text
 from mmca.metrics import TIES, Metrics, average_folds, retrieval_metrics
 from mmca.model import MMCA
 from mmca.version import __version__

@@ -21,8 +21,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mmca.checkpoint import (MODEL_DIR_FORMAT, WEIGHTS_DIGEST, checkpoint_identity, checkpoint_spec, file_sha256,
-                             is_model_dir, load_model, weights_metadata)
+from mmca.checkpoint import (
+    MODEL_DIR_FORMAT,
+    WEIGHTS_DIGEST,
+    checkpoint_identity,
+    checkpoint_spec,
+    file_sha256,
+    is_model_dir,
+    load_model,
+    weights_metadata,
+)
 from mmca.engine.guards import require_finite_weights
 from mmca.errors import MmcaError
 from mmca.folders import mark

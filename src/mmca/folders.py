@@ -15,8 +15,8 @@ import shutil
 from fnmatch import fnmatch
 from pathlib import Path
 
-from mmca.errors import MmcaError
 from mmca.atomic import atomic_write_text
+from mmca.errors import MmcaError
 
 MARKER = ".mmca-folder.json"
 FORMAT = 1
@@ -63,7 +63,8 @@ def kind_of(folder: str | Path) -> str | None:
         return kind if kind in KINDS else None
     entries = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
     for kind, (signatures, patterns) in LEGACY.items():
-        if any(name in entries for name in signatures) and all(any(fnmatch(e, pat) for pat in patterns) for e in entries):
+        if (any(name in entries for name in signatures)
+                and all(any(fnmatch(e, pat) for pat in patterns) for e in entries)):
             return kind
     return None
 

@@ -1,8 +1,9 @@
 """Training: hardest-negative triplet loss through the engine's mine-then-recompute path,
 validation on dev after every epoch, best checkpoint by dev rsum, and exact resumption.
 
-A run directory (a folder of kind `run`, `mmca.folders`) holds `config.json`, `last.pt` (everything needed to resume, rewritten
-every `save_every_steps` steps and at each epoch end), `best.pt`, `log.csv` and `curves.png`.
+A run directory (a folder of kind `run`, `mmca.folders`) holds `config.json`, `last.pt`
+(everything needed to resume, rewritten every `save_every_steps` steps and at each epoch end),
+`best.pt`, `log.csv` and `curves.png`.
 Data order depends only on (seed, epoch), and the RNG state is checkpointed, so a resumed run
 ends with the same weights as an uninterrupted one.
 
@@ -199,7 +200,8 @@ class Trainer:
         payload = read_checkpoint(path)
         checkpoint_spec(payload, path).require_match(
             self.spec, str(path), f"the {self.train_set.split} split",
-            "initialise from a run trained on the same features (same --backbone, --image-size, --grid and --text-encoder)")
+            "initialise from a run trained on the same features "
+            "(same --backbone, --image-size, --grid and --text-encoder)")
         missing, unexpected = self.model.load_state_dict(payload["model"], strict=False)
         if unexpected:
             raise MmcaError(f"{path} does not fit this model: unexpected weights {unexpected[:3]}",

@@ -2,9 +2,9 @@
 
 import json
 
+from mmca.bench.inputs import RandomTokens
 from mmca.cli import main
 from mmca.engine.bank import bucket_length
-from mmca.bench.inputs import RandomTokens
 from mmca.engine.pairs import pair_flops
 
 

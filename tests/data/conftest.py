@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 
-
 @pytest.fixture(scope="session")
 def real_sample(flickr8k: Path) -> list[tuple[str, list[str]]]:
     """The first 6 images of the Flickr8k dev split with their 5 real captions each."""

@@ -66,5 +66,6 @@ print(on, before, faults(), retain_freed_memory())
         pytest.skip("not glibc: mallopt is not available here")
     assert int(out[2]) < int(out[1]) // 10 and out[3] == "True"
     env = {**os.environ, "MMCA_RETAIN_MEMORY": "0"}
-    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split()
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env).stdout.split()
     assert off[0] == "False" and off[3] == "False"

@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_engine import make_gallery
 
 from mmca.config import ModelConfig
 from mmca.engine import ScoringEngine
 from mmca.engine.fused import FusedKernelError, fused_mode
 from mmca.model import MMCA, reference_score
-
-from test_engine import make_gallery
 
 # every test here shares one cold compile of the kernel (~30 s on 2 cores)
 pytestmark = pytest.mark.slow

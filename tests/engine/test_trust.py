@@ -5,17 +5,15 @@ every block has one shape, and the capped mode's score cache stays within its bu
 import numpy as np
 import pytest
 import torch
+from test_engine import SMALL, make_gallery
 
 from mmca.config import ModelConfig, TrainConfig
 from mmca.data.dataset import RetrievalDataset, TokenFeatures
-from mmca.engine import ScoringEngine
-from mmca.engine import ranking, scoring
+from mmca.engine import ScoringEngine, ranking, scoring
 from mmca.errors import ConfigError, NonFiniteError
 from mmca.evaluate import evaluate
 from mmca.metrics import ranks_from_scores
 from mmca.model import MMCA
-
-from test_engine import SMALL, make_gallery
 
 
 @pytest.fixture(scope="module")

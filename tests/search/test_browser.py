@@ -69,7 +69,8 @@ def test_page_in_chromium(server_url, gallery):
             page.click("#search-btn")
             page.wait_for_selector("#results .card img")
             assert page.locator("#results .card").count() == 8
-            page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+            page.wait_for_function(
+                "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
             # heat map of the first result
             page.locator("#results .card").first.click()
             page.wait_for_selector("#heatmap-section:not([hidden])")

@@ -12,10 +12,11 @@ import torch
 
 from mmca.cli import main
 from mmca.engine import ImageBank
+from mmca.engine.heatmap import cross_token_region_attention
 from mmca.errors import CheckpointError, DataError
+from mmca.features import FeatureRequest
 from mmca.search import GalleryIndex, Searcher, add_to_index, build_from_folder
 from mmca.search.index import IMAGE_FIELDS, IndexWriter
-from mmca.engine.heatmap import cross_token_region_attention
 from mmca.search.query import merge_topk
 
 N_IMAGES = 20  # as in conftest.py
@@ -257,7 +258,8 @@ def test_an_index_of_another_backbone_searches_with_it(gallery, lite_checkpoint,
     hits, _ = searcher.search_image_bytes(first.read_bytes(), k=3)
     assert len(hits) == 3  # the three captions, scored with the photo's 260 px EfficientNet regions
     with pytest.raises(CheckpointError, match="--backbone mobilenet_v2"):
-        build_from_folder(tmp_path / "index2", ckpt, photos, progress=False, backbone="mobilenet_v2")
+        build_from_folder(tmp_path / "index2", ckpt, photos, progress=False,
+                          features=FeatureRequest(backbone="mobilenet_v2"))
 
 
 def test_an_index_is_read_by_its_spec_and_one_without_a_spec_is_refused(index_dir, tmp_path):

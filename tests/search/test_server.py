@@ -32,6 +32,11 @@ def image_bytes(w: int, h: int, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
+def upload(name: str, data: bytes, kind: str) -> dict[str, tuple[str, bytes, str]]:
+    """The multipart `files` of one uploaded file."""
+    return {"file": (name, data, kind)}
+
+
 def assert_error(resp, status: int, text: str) -> None:
     assert resp.status_code == status, (resp.status_code, resp.text)
     body = resp.json()
@@ -67,6 +72,7 @@ def test_search_heatmap_and_images(client, searcher):
 
 
 def test_bad_inputs_are_4xx_json_and_the_server_keeps_serving(client):
+    as_json = {"content-type": "application/json"}
     cases = [
         (client.post("/api/search", json={"query": "", "k": 5}), 400, "empty"),
         (client.post("/api/search", json={"query": "   ", "k": 5}), 400, "empty"),
@@ -74,21 +80,25 @@ def test_bad_inputs_are_4xx_json_and_the_server_keeps_serving(client):
         (client.post("/api/search", json={"query": 42}), 400, "must be a string"),
         (client.post("/api/search", json={"query": "dog", "k": 0}), 400, "k must be"),
         (client.post("/api/search", json={"query": "dog", "k": "5"}), 400, "k must be"),
-        (client.post("/api/search", content=b"{not json", headers={"content-type": "application/json"}), 400, "not valid JSON"),
-        (client.post("/api/search", content=b"x" * 100_000, headers={"content-type": "application/json"}), 413, "larger than"),
+        (client.post("/api/search", content=b"{not json", headers=as_json), 400, "not valid JSON"),
+        (client.post("/api/search", content=b"x" * 100_000, headers=as_json), 413, "larger than"),
         (client.post("/api/search", json=["dog"]), 400, "JSON object"),
         (client.post("/api/heatmap", json={"query": "dog", "image": 999}), 404, "no image"),
         (client.post("/api/heatmap", json={"query": "dog", "image": "../../etc/passwd"}), 404, "no image"),
         (client.post("/api/search_gallery", json={"image": -1}), 404, "no image"),
-        (client.post("/api/search_image", files={"file": ("a.txt", b"hello, not an image", "text/plain")}), 415, "not an image"),
-        (client.post("/api/search_image", files={"file": ("a.png", image_bytes(1, 1), "image/png")}), 400, "1x1"),
-        (client.post("/api/search_image", files={"file": ("big.png", png_header_only(20000, 20000), "image/png")}), 413, "too large"),
-        (client.post("/api/search_image", files={"file": ("a.jpg", image_bytes(300, 200, "JPEG")[:200], "image/jpeg")}), 415, ""),
-        (client.post("/api/search_image", files={"file": ("e.png", b"", "image/png")}), 400, "empty"),
+        (client.post("/api/search_image", files=upload("a.txt", b"hello, not an image", "text/plain")), 415,
+         "not an image"),
+        (client.post("/api/search_image", files=upload("a.png", image_bytes(1, 1), "image/png")), 400, "1x1"),
+        (client.post("/api/search_image", files=upload("big.png", png_header_only(20000, 20000), "image/png")), 413,
+         "too large"),
+        (client.post("/api/search_image", files=upload("a.jpg", image_bytes(300, 200, "JPEG")[:200], "image/jpeg")),
+         415, ""),
+        (client.post("/api/search_image", files=upload("e.png", b"", "image/png")), 400, "empty"),
         (client.post("/api/search_image", data={"k": "3"}), 415, "multipart"),
         (client.post("/api/search_image", files={"other": ("a.png", b"x", "image/png")}), 400, "no file"),
         (client.post("/api/search_image", content=b"raw", headers={"content-type": "image/png"}), 415, "multipart"),
-        (client.post("/api/search_image", files={"file": ("a.png", image_bytes(64, 64), "image/png")}, data={"k": "x"}), 400, "k must be"),
+        (client.post("/api/search_image", files=upload("a.png", image_bytes(64, 64), "image/png"), data={"k": "x"}),
+         400, "k must be"),
         (client.get("/api/image/999"), 404, "no image"),
         (client.get("/api/image/-1"), 404, "no image"),
         (client.get("/api/image/..%2F..%2Fetc%2Fpasswd"), 404, ""),

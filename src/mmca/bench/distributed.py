@@ -117,8 +117,8 @@ def time_evaluation(opts: DistributedOptions, shard: Shard, device: torch.device
     w = opts.work
     if w.checkpoint and w.dataset:
         model, spec, _ = load_model_and_spec(w.checkpoint, device=device)
-        gallery = shard.main_first(lambda: open_dataset(w.dataset, w.split, progress=False,
-                                                        **extraction_options(spec)))
+        features = extraction_options(spec)
+        gallery = shard.main_first(lambda: open_dataset(w.dataset, w.split, features, progress=False))
         spec.require_match(gallery.spec, w.checkpoint, f"{w.dataset} {w.split}")
     else:
         torch.manual_seed(0)

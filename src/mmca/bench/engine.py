@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from mmca.engine.mining import exhaustive_loss, mined_loss
 from mmca.engine.pairs import pair_flops
 from mmca.engine.precision import native_bf16, resolve_precision
 from mmca.engine.scoring import ScoringEngine, inference_mode
-from mmca.features.options import extraction_options
+from mmca.features.options import FeatureOptions, extraction_options
 from mmca.features.prepare import open_dataset
 from mmca.metrics import DIRECTIONS, RECALL_AT, retrieval_metrics
 from mmca.model import MMCA
@@ -121,7 +122,7 @@ def bench_roof(model, opts: EngineOptions, log, rounds: int = 3) -> dict:
             for _ in range(rounds):
                 roof = max(roof, gemm_rate(rows, c.d, c.d, dtype, w.device))
                 for name, e in engines.items():
-                    rates[name] = max(rates[name], _best_rate(lambda: e.full_scores(ib, tb), pairs, w.device,
+                    rates[name] = max(rates[name], _best_rate(partial(e.full_scores, ib, tb), pairs, w.device,
                                                               repeat=1))
             diff = float((fused.full_scores(ib, tb) - eng.full_scores(ib, tb)).abs().max())
         out.update({f"{p}_roof_gflops": roof, f"{p}_pair_mflop": flops / 1e6, "gemm_shape": [rows, c.d, c.d],
@@ -177,7 +178,7 @@ def bench_scoring(model, opts: EngineOptions, log) -> dict:
             ib = eng.image_bank(regions.to(eng.device))
             tb = eng.text_bank((tokens, mask))
             full = eng.full_scores(ib, tb)
-            out[f"{precision}_pairs_per_s"] = _best_rate(lambda: eng.full_scores(ib, tb), pairs, w.device)
+            out[f"{precision}_pairs_per_s"] = _best_rate(partial(eng.full_scores, ib, tb), pairs, w.device)
             out[f"{precision}_max_abs_diff_vs_plain"] = float((full.cpu() - ref).abs().max())
     for p in ("fp32", "bf16"):
         out[f"{p}_speedup"] = out[f"{p}_pairs_per_s"] / out["plain_pairs_per_s"]
@@ -235,7 +236,7 @@ def bench_ranks(model, opts: EngineOptions, log, spec: FeatureSpec | None = None
     w = opts.work
     eng = ScoringEngine(model, device=w.device)
     if w.dataset:
-        ds = open_dataset(w.dataset, w.split, **(extraction_options(spec) if spec else {}))
+        ds = open_dataset(w.dataset, w.split, extraction_options(spec) if spec else FeatureOptions())
         if spec is not None:
             spec.require_match(ds.spec, w.checkpoint, f"{w.dataset} {w.split}")
         ib, tb = eng.image_bank(ds), eng.text_bank(ds.token_features)

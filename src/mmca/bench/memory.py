@@ -55,7 +55,8 @@ def memory_child(w: Workload, m: MemoryOptions) -> dict:
     t0 = time.perf_counter()
     done_images, t1 = 0, None
     # the exact pruned ranking pass itself (thresholds, then image blocks), stopped at the limit
-    for _, _, done_images in exact_blocks(eng, ib, tb, gimg, m.image_block):
+    for _, _, done in exact_blocks(eng, ib, tb, gimg, m.image_block):
+        done_images = done
         if t1 is None:  # first yield: the thresholds' pair passes are done
             t1, start_passes = time.perf_counter(), eng.pair_passes
             continue

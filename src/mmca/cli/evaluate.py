@@ -82,10 +82,9 @@ def run(args: argparse.Namespace) -> int:
     from mmca.checkpoint import load_model_and_spec
     from mmca.data.layouts import read_split
     from mmca.dist import init_from_env
-    from mmca.hardware import usable_device
-    from mmca.evaluate import (check_protocol, evaluate, format_table, require_results_file, results_name,
-                                write_results)
+    from mmca.evaluate import check_protocol, evaluate, format_table, require_results_file, results_name, write_results
     from mmca.features.prepare import open_dataset
+    from mmca.hardware import usable_device
 
     if args.out is not None:
         require_results_file(args.out)  # before the checkpoint is read or any feature computed
@@ -101,9 +100,10 @@ def run(args: argparse.Namespace) -> int:
     check_protocol(protocol, source.caption_image, source.num_images, source.captions_per_image,
                    f"{source.root}, split {args.split!r}")
     spec.require_source(source.image_features is not None, f"{source.root}, split {args.split!r}")
+    features = feature_options(args, spec)
     dataset = shard.main_first(lambda: open_dataset(  # rank 0 fills the feature cache, the others read it
-        args.dataset, args.split, cache_dir=args.cache, captions_per_image=cpi, source=source,
-        progress=shard.main, **feature_options(args, spec)))
+        args.dataset, args.split, features, cache_dir=args.cache, captions_per_image=cpi, source=source,
+        progress=shard.main))
 
     result = evaluate(model, dataset, protocol, mode=args.mode, device=device, precision=args.precision,
                       max_rank=None if args.full_ranks else DEFAULT_MAX_RANK, shortlist_k=args.shortlist_k,

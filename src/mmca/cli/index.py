@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mmca.cli.features import add_feature_arguments, positive_int
+from mmca.cli.features import add_feature_arguments, feature_request, positive_int
 from mmca.errors import MmcaError
 
 NAME = "index"
@@ -64,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
                              "storage")
                  if getattr(args, f) is not None]
         if given:
-            raise MmcaError(f"--add uses the index's own features and storage; {', '.join('--' + f.replace('_', '-') for f in given)} "
-                            "cannot change them", "leave these flags out, or build a new index")
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise MmcaError(f"--add uses the index's own features and storage; {flags} cannot change them",
+                            "leave these flags out, or build a new index")
         n_img, n_cap = add_to_index(args.index, args.add, args.checkpoint, args.captions)
         summary = GalleryIndex(args.index).describe()
         summary.update({"added_images": n_img, "added_captions": n_cap})
@@ -73,9 +74,7 @@ def run(args: argparse.Namespace) -> int:
         if args.out is None or args.checkpoint is None:
             raise MmcaError("building an index needs --out DIR and --checkpoint CKPT",
                             "or pass --index DIR --add PATH... to append to an existing one")
-        common = dict(storage=args.storage or "fp16", grid=args.grid, text_encoder=args.text_encoder,
-                      max_tokens=args.max_tokens, overwrite=args.overwrite, backbone=args.backbone,
-                      image_size=args.image_size, extract_precision=args.extract_precision)
+        common = dict(storage=args.storage or "fp16", features=feature_request(args), overwrite=args.overwrite)
         if args.dataset is not None:
             if args.captions is not None:
                 raise MmcaError("--captions applies to --images; a dataset brings its own captions")

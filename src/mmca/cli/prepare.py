@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
     splits = args.splits or list_splits(args.dataset)
     if not splits:
-        raise DataError(f"{args.dataset} has no splits", "add splits/NAME.txt (images folder) or NAME_caps.txt (precomp)")
+        raise DataError(f"{args.dataset} has no splits",
+                        "add splits/NAME.txt (images folder) or NAME_caps.txt (precomp)")
     rows: list[dict[str, str]] = []
     folders: dict[Path, None] = {}
     described: dict[str, None] = {}
@@ -76,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
         prepared = prepare_split(
             args.dataset,
             split,
+            features,
             cache_dir=args.cache,
-            **features,
             captions_per_image=args.captions_per_image or None,
             progress=not args.no_progress,
             force=args.force,
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     print(_table(rows))
     for line in described:
         print(f"features: {line}")
-    print(f"extraction precision: {features['precision'].reason}")
+    print(f"extraction precision: {features.precision.reason}")
     for folder in folders:
         print(f"cache: {folder}")
     return 0

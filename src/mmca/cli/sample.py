@@ -13,8 +13,8 @@ from mmca.cli.features import add_feature_arguments, feature_options
 from mmca.config import PRESETS, preset
 from mmca.dist import add_arguments as add_dist_arguments
 from mmca.dist import init_from_env
-from mmca.hardware import usable_device
 from mmca.folders import mark, require_writable
+from mmca.hardware import usable_device
 
 NAME = "sample"
 HELP = "the end-to-end job: prepare, train MMCA and the α = 0 ablation, evaluate, compare"
@@ -60,10 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mmca.atomic import atomic_write, atomic_write_text
     from mmca.checkpoint import read_checkpoint
     from mmca.evaluate import PAPER_RESULTS, format_table
     from mmca.features.prepare import open_dataset
-    from mmca.atomic import atomic_write, atomic_write_text
     from mmca.train import Trainer, prefix_config
 
     started = time.perf_counter()
@@ -84,9 +84,9 @@ def run(args: argparse.Namespace) -> int:
     say = print if shard.main else (lambda *a, **k: None)
     progress = progress and shard.main
     train_set, dev_set = shard.main_first(lambda: (  # rank 0 fills the feature cache first
-        open_dataset(args.dataset, args.train_split, cache_dir=args.cache, progress=progress,
-                     mirror=config.mirror_images, **features),
-        open_dataset(args.dataset, args.val_split, cache_dir=args.cache, progress=progress, **features)))
+        open_dataset(args.dataset, args.train_split, features, cache_dir=args.cache, progress=progress,
+                     mirror=config.mirror_images),
+        open_dataset(args.dataset, args.val_split, features, cache_dir=args.cache, progress=progress)))
     for ds in (train_set, dev_set):
         say("  ".join(f"{k}: {v}" for k, v in ds.summary().items()))
 

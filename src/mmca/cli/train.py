@@ -10,9 +10,9 @@ from mmca.cli.features import add_feature_arguments, checkpoint_feature_spec, fe
 from mmca.config import PRESETS, preset
 from mmca.dist import add_arguments as add_dist_arguments
 from mmca.dist import init_from_env
-from mmca.hardware import usable_device
 from mmca.errors import MmcaError
 from mmca.folders import require_writable
+from mmca.hardware import usable_device
 
 NAME = "train"
 HELP = "train a model (hardest-negative triplet loss, best checkpoint by dev rsum)"
@@ -114,11 +114,10 @@ def run(args: argparse.Namespace) -> int:
     adopted = args.out / "last.pt" if args.resume and (args.out / "last.pt").is_file() else args.init_from
     features = feature_options(args, checkpoint_feature_spec(adopted) if adopted else None)
     common = dict(cache_dir=args.cache, captions_per_image=args.captions_per_image,
-                  progress=not args.no_progress, **features)
-    common["progress"] = common["progress"] and shard.main
+                  progress=not args.no_progress and shard.main)
     train_set, dev_set = shard.main_first(lambda: (
-        open_dataset(args.dataset, args.train_split, mirror=config.mirror_images, **common),
-        open_dataset(args.dataset, args.val_split, **common)))
+        open_dataset(args.dataset, args.train_split, features, mirror=config.mirror_images, **common),
+        open_dataset(args.dataset, args.val_split, features, **common)))
     trainer = Trainer(config, train_set, dev_set, args.out, device=shard.device_for(args.device), resume=args.resume,
                       init_from=args.init_from, progress=not args.no_progress, shard=shard)
     summary = trainer.run()

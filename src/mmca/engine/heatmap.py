@@ -15,7 +15,8 @@ from mmca.engine.scoring import ScoringEngine
 
 
 @torch.no_grad()
-def token_heatmap(engine: ScoringEngine, tokenizer, ids, tokens, texts, images: ImageBank, index: int) -> dict[str, Any]:
+def token_heatmap(engine: ScoringEngine, tokenizer, ids, tokens, texts, images: ImageBank,
+                  index: int) -> dict[str, Any]:
     """Where each token of one sentence looks in image `index` of `images`: its cross-unit
     attention over the regions (mean over heads; the rest of each row goes to the sentence's
     own tokens), and the pair's full score. `ids`, `tokens`, `texts`: the sentence's token ids,

@@ -22,8 +22,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from mmca.dist import Shard
-from mmca.engine.bank import (bucketed_text_bank, image_bank_from_encoded, pad_tokens,
-                              text_bucket_from_encoded)
+from mmca.engine.bank import bucketed_text_bank, image_bank_from_encoded, pad_tokens, text_bucket_from_encoded
 from mmca.engine.scoring import ScoringEngine, inference_mode
 from mmca.loss import max_violation_loss, sum_violation_loss
 

@@ -16,6 +16,7 @@ into R@K, rsum, medr and meanr.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,11 +155,15 @@ def _bounds(engine, images, texts, truth: _Truth, s, e, cs: int = 0, ce: int | N
     return g, sure_t, maybe_t, sure_i, maybe_i
 
 
+def _last(steps, first):
+    """What an iterator yields last (`first` if it yields nothing), run to its end one step at a time."""
+    tail = deque(steps, maxlen=1)
+    return tail[0] if tail else first
+
+
 def _exact_all(engine, images, texts, gimg, image_block, ties, shard):
     """Every undecided pair scored once, shared by both directions; streamed by image block."""
-    i2t, t2i = None, None
-    for i2t, t2i, _ in exact_blocks(engine, images, texts, gimg, image_block, ties, shard):
-        pass
+    i2t, t2i, _ = _last(exact_blocks(engine, images, texts, gimg, image_block, ties, shard), (None, None, None))
     return shard.sum(i2t), shard.sum(t2i)
 
 
@@ -241,8 +246,7 @@ def _exact_capped(engine, images, texts, gimg, max_rank, ties, shard):
     rounds = capped_rounds(engine, images, texts, gimg, max_rank, ties, shard)
     i2t, t2i = next(rounds)  # after pass 1: the sure hits, the same on every rank
     sure_i, sure_t = i2t.copy(), t2i.copy()
-    for i2t, t2i in rounds:
-        pass
+    i2t, t2i = _last(rounds, (i2t, t2i))
     # each query's hits grew on its own rank only
     as_t = lambda a: torch.as_tensor(a, device=engine.device)  # noqa: E731
     return (as_t(sure_i) + shard.sum(as_t(i2t - sure_i)), as_t(sure_t) + shard.sum(as_t(t2i - sure_t)))

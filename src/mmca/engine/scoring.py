@@ -8,11 +8,19 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mmca.dist import Shard
 import mmca.engine.ranking as ranking
-from mmca.engine.bank import (ImageBank, TextBank, bucketed_text_bank, build_image_bank,
-                              empty_image_bank, empty_text_bucket, fill_image_bank, fill_text_bucket,
-                              pad_tokens)
+from mmca.dist import Shard
+from mmca.engine.bank import (
+    ImageBank,
+    TextBank,
+    bucketed_text_bank,
+    build_image_bank,
+    empty_image_bank,
+    empty_text_bucket,
+    fill_image_bank,
+    fill_text_bucket,
+    pad_tokens,
+)
 from mmca.engine.fused import FusedKernel
 from mmca.engine.guards import require_finite, require_finite_weights
 from mmca.engine.pairs import CrossWeights, score_block
@@ -60,9 +68,10 @@ class ScoringEngine:
     pair is always computed with the same shapes (kernels chosen by matrix size cannot change its
     float: the exact and exhaustive modes agree bit for bit); without it a block's tail is padded
     to a multiple of GRANULE only (training's mining pass, which compares within a tie tolerance
-    and mostly makes small calls); `length_granule` sets the caption length buckets. `pair_budget` bounds the candidate pairs the exact rank passes
-    hold at once (their masks, index vectors and candidate lists, ~50 bytes a pair; the capped
-    mode's score cache too), whatever the gallery size. `check_weights` refuses a model with
+    and mostly makes small calls); `length_granule` sets the caption length buckets.
+    `pair_budget` bounds the candidate pairs the exact rank passes hold at once (their masks,
+    index vectors and candidate lists, ~50 bytes a pair; the capped mode's score cache too),
+    whatever the gallery size. `check_weights` refuses a model with
     NaN/Inf weights (training's mining engine skips it: the trainer checks every gradient).
     `fused` is the fused pair kernel's switch ("off", "warm", "on"; default $MMCA_FUSED_KERNEL,
     else "warm": fused only for block shapes already compiled, `mmca.engine.fused`).

@@ -95,6 +95,7 @@ BACKBONES: dict[str, BackboneEntry] = {
     )
 }
 DEFAULT_BACKBONE = "mobilenet_v2"
+DEFAULT_GRID = 6  # 36 regions, the paper's count
 MIN_IMAGE_SIZE = 32 * min(g for entry in BACKBONES.values() for g in entry.grids)  # 32 px per grid cell
 
 
@@ -211,7 +212,8 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(
             f"cannot read image {path}: {err}",
-            "replace the file with a valid image (in a dataset you may instead remove it from the split list and captions.tsv)",
+            "replace the file with a valid image "
+            "(in a dataset you may instead remove it from the split list and captions.tsv)",
         ) from err
 
 
@@ -225,7 +227,7 @@ class ImageBackbone:
     `precision`: what the trunk computes in (PRECISIONS; features are stored as float16 either way).
     """
 
-    def __init__(self, grid: int = 6, name: str = DEFAULT_BACKBONE, image_size: int | None = None,
+    def __init__(self, grid: int = DEFAULT_GRID, name: str = DEFAULT_BACKBONE, image_size: int | None = None,
                  weights: str | Path | None = None, precision: str = FP32):
         self.entry = backbone_entry(name)
         if precision not in PRECISIONS:

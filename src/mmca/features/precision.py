@@ -41,7 +41,7 @@ class ExtractPrecision:
 
     image: str = FP32
     text: str = FP32
-    reason: str = "fp32"
+    reason: str = "fp32: the default"
 
 
 def int8_engine() -> bool:

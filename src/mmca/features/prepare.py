@@ -21,14 +21,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mmca.data.dataset import RetrievalDataset, SplitSource, TokenFeatures
-from mmca.data.layouts import read_split
-from mmca.errors import DataError
 import mmca.features.cache as cache
 import mmca.features.parallel as parallel
-from mmca.features.backbone import DEFAULT_BACKBONE, ImageBackbone
+from mmca.data.dataset import RetrievalDataset, SplitSource, TokenFeatures
+from mmca.data.layouts import read_split
 from mmca.data.spec import FeatureSpec, precomp_image_spec, text_spec
-from mmca.features.precision import FP32, ExtractPrecision
+from mmca.errors import DataError
+from mmca.features.backbone import ImageBackbone
+from mmca.features.options import FeatureOptions
+from mmca.features.precision import FP32
 from mmca.features.text_encoder import TextEncoder
 
 # Items each worker process must get to repay its start-up of a few seconds (parallel.py).
@@ -62,30 +63,24 @@ class PreparedSplit:
 def prepare_split(
     root: str | Path,
     split: str,
+    features: FeatureOptions = FeatureOptions(),
+    *,
     cache_dir: str | Path | None = None,
-    grid: int = 6,
-    text_encoder: str | Path | None = None,
-    max_tokens: int = 64,
     captions_per_image: int | None = 5,
     progress: bool = True,
     force: bool = False,
     workers: int | None = None,
     mirror: bool = False,
     source: SplitSource | None = None,
-    backbone: str = DEFAULT_BACKBONE,
-    image_size: int | None = None,
-    precision: ExtractPrecision = ExtractPrecision(),
 ) -> PreparedSplit:
     """Load the split's cached features, building (or with `force`, rebuilding) what is missing.
 
+    `features`: the extractors and their settings (`mmca.features.options`).
     Writes only under `cache_dir` (default: `cache.default_cache_dir()`), never into `root`.
     `workers`: processes for building (default: one per CPU for large splits, see parallel.py).
     `mirror`: also the mirrored photos' grids, as `dataset.image_views` (images layout only).
     `source`: the split as already read by `read_split` (so a caller that checked it first
     does not read, and scan, its files twice).
-    `backbone`, `image_size`: the registered image backbone and its input side (default: the
-    backbone's own, see backbone.BACKBONES).
-    `precision`: what each extractor computes in (`features.precision.resolve_extract_precision`).
     """
     started = time.perf_counter()
     if source is None:
@@ -94,10 +89,10 @@ def prepare_split(
     build = _Build(progress, force, workers)
     entries = []
     views: tuple[np.ndarray, ...] = ()
-    encoder = TextEncoder(text_encoder, max_tokens, precision.text)  # first: a bad encoder is refused before any image is computed
+    encoder = features.encoder()  # first: a bad encoder is refused before any image is computed
     if source.image_features is None:
-        extractor = ImageBackbone(grid, backbone, image_size, precision=precision.image)
-        entry, features = _image_entry(source, folder, extractor, build)
+        extractor = features.image_backbone()
+        entry, regions = _image_entry(source, folder, extractor, build)
         entries.append(entry)
         if mirror:
             entry, mirrored = _image_entry(source, folder, extractor, build, mirror=True)
@@ -110,8 +105,8 @@ def prepare_split(
             "train without mirrored views (--mirror-images off)",
         )
     else:
-        features = source.image_features
-        image_spec = precomp_image_spec(source.root / f"{split}_ims.npy", features.shape, features.dtype)
+        regions = source.image_features
+        image_spec = precomp_image_spec(source.root / f"{split}_ims.npy", regions.shape, regions.dtype)
     entry, tokens = _text_entry(source, folder, encoder, build)
     entries.append(entry)
     if image_spec is None:
@@ -125,7 +120,7 @@ def prepare_split(
         captions=source.captions,
         caption_image=source.caption_image,
         captions_per_image=source.captions_per_image,
-        image_features=features,
+        image_features=regions,
         token_features=tokens,
         image_paths=source.image_paths,
         image_views=views,
@@ -135,28 +130,14 @@ def prepare_split(
     return PreparedSplit(dataset, entries, time.perf_counter() - started)
 
 
-def open_dataset(
-    root: str | Path,
-    split: str,
-    cache_dir: str | Path | None = None,
-    grid: int = 6,
-    text_encoder: str | Path | None = None,
-    max_tokens: int = 64,
-    captions_per_image: int | None = 5,
-    progress: bool = True,
-    workers: int | None = None,
-    mirror: bool = False,
-    source: SplitSource | None = None,
-    backbone: str = DEFAULT_BACKBONE,
-    image_size: int | None = None,
-    precision: ExtractPrecision = ExtractPrecision(),
-) -> RetrievalDataset:
-    """The public entry: a split with its frozen features, from the cache when it is valid."""
-    return prepare_split(
-        root, split, cache_dir, grid, text_encoder, max_tokens, captions_per_image, progress,
-        workers=workers, mirror=mirror, source=source, backbone=backbone, image_size=image_size,
-        precision=precision,
-    ).dataset
+def open_dataset(root: str | Path, split: str, features: FeatureOptions = FeatureOptions(), *,
+                 cache_dir: str | Path | None = None, captions_per_image: int | None = 5, progress: bool = True,
+                 workers: int | None = None, mirror: bool = False,
+                 source: SplitSource | None = None) -> RetrievalDataset:
+    """The public entry: a split with its frozen features, from the cache when it is valid
+    (`prepare_split`'s dataset; its keywords but `force`)."""
+    return prepare_split(root, split, features, cache_dir=cache_dir, captions_per_image=captions_per_image,
+                         progress=progress, workers=workers, mirror=mirror, source=source).dataset
 
 
 @dataclass(frozen=True)

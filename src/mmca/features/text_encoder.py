@@ -59,7 +59,8 @@ BERT_FAMILY = frozenset(
     }
 )
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                 "pytorch_model.bin.index.json")
 _EXPECTED = (
     "a local BERT-family checkpoint directory (config.json with model_type one of "
     f"{', '.join(sorted(BERT_FAMILY))}, a tokenizer, and weights), e.g. one saved by "
@@ -92,6 +93,7 @@ TEXT_ENCODERS = {
     )
 }
 DEFAULT_TEXT_ENCODER = "minilm"
+DEFAULT_MAX_TOKENS = 64  # [CLS] and [SEP] included
 
 
 def _missing(entry: EncoderEntry) -> DataError:
@@ -169,7 +171,8 @@ def resolve_model_dir(given: str | Path | None) -> Path:
     if not path.exists() and str(given) in TEXT_ENCODERS:
         return TEXT_ENCODERS[str(given)].model_dir()
     if str(given) in TEXT_ENCODERS and not (path / "config.json").is_file() and not (path / "modules.json").is_file():
-        raise DataError(f"a folder named {given!r} here hides the registered text encoder {given!r}, and is not a model",
+        raise DataError(f"a folder named {given!r} here hides the registered text encoder {given!r}, "
+                        "and is not a model",
                         "run from another directory, or pass the folder you mean by its path")
     path = path.resolve()
     modules = path / "modules.json"
@@ -266,7 +269,8 @@ class TextEncoder:
     computes in (PRECISIONS; states are stored as float16 either way).
     """
 
-    def __init__(self, model_dir: str | Path | None = None, max_tokens: int = 64, precision: str = FP32):
+    def __init__(self, model_dir: str | Path | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+                 precision: str = FP32):
         """`model_dir`: a directory or a registered name (TEXT_ENCODERS); None: the default."""
         if precision not in PRECISIONS or (precision == "int8" and not int8_engine()):
             raise MmcaError(f"text encoders compute in {', '.join(PRECISIONS)} (int8 on x86 only), not {precision!r}",
@@ -288,7 +292,8 @@ class TextEncoder:
 
     @property
     def dim(self) -> int:
-        return int(self.config["hidden_size"] if "hidden_size" in self.config else self.config["dim"])  # DistilBERT: dim
+        # DistilBERT names it dim
+        return int(self.config["hidden_size"] if "hidden_size" in self.config else self.config["dim"])
 
     @property
     def tokenizer(self) -> Any:

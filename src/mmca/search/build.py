@@ -10,15 +10,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from mmca.checkpoint import load_model, load_model_and_spec
+from mmca.checkpoint import checkpoint_identity, load_model, load_model_and_spec
 from mmca.data.dataset import TokenFeatures
-from mmca.checkpoint import checkpoint_identity
+from mmca.data.spec import FeatureSpec
 from mmca.engine import ScoringEngine
 from mmca.engine.bank import ImageBank
 from mmca.errors import CheckpointError, DataError, MmcaError
-from mmca.data.spec import FeatureSpec
-from mmca.features.options import extraction_options, image_backbone, text_encoder as options_text_encoder
 from mmca.features.images import list_images, require_images
+from mmca.features.options import FeatureRequest, extraction_options
+from mmca.features.prepare import prepare_split
 from mmca.features.sentences import wordless
 from mmca.search.index import STORAGE, GalleryIndex, IndexWriter, require_index_out
 
@@ -100,22 +100,16 @@ def _encode_captions(encoder, texts: list[str], images: list[int | None], source
 
 
 def build_from_dataset(out: str | Path, checkpoint: str | Path, root: str | Path, split: str,
-                       limit: int | None = None, storage: str = "fp16", grid: int | None = None,
-                       text_encoder: str | Path | None = None, max_tokens: int | None = None,
-                       overwrite: bool = False, progress: bool = True, backbone: str | None = None,
-                       image_size: int | None = None, extract_precision: str | None = None) -> GalleryIndex:
+                       limit: int | None = None, storage: str = "fp16", features: FeatureRequest = FeatureRequest(),
+                       overwrite: bool = False, progress: bool = True) -> GalleryIndex:
     """Index a prepared split (its cached features; computed now if missing) with the features
-    the checkpoint was trained on (backbone, image size, grid, text encoder, max_tokens: None
-    adopts the checkpoint's;
-    a value that contradicts it is refused). `limit`: the first `limit` images and their
-    captions only."""
-    from mmca.features import prepare_split
-
+    the checkpoint was trained on: what `features` leaves at None adopts the checkpoint's, a
+    value that contradicts it is refused. `limit`: the first `limit` images and their captions
+    only."""
     require_index_out(out, overwrite, inputs=(root, checkpoint))  # before any feature is computed
     ckpt = Path(checkpoint)
     model, spec, _ = load_model_and_spec(ckpt)
-    opts = extraction_options(spec, grid, text_encoder, max_tokens, backbone, image_size, extract_precision)
-    prepared = prepare_split(root, split, progress=progress, **opts)
+    prepared = prepare_split(root, split, extraction_options(spec, features), progress=progress)
     ds = prepared.dataset
     spec.require_match(ds.spec, f"checkpoint {ckpt}", f"{root}, split {split}")
     _check_dims(model, ds.image_features.shape[2], ds.token_features.dim, ckpt)
@@ -152,23 +146,22 @@ def _extract(backbone, paths: list[Path], progress: bool) -> np.ndarray:
 
 
 def build_from_folder(out: str | Path, checkpoint: str | Path, folder: str | Path,
-                      captions: str | Path | None = None, storage: str = "fp16", grid: int | None = None,
-                      text_encoder: str | Path | None = None, max_tokens: int | None = None,
-                      overwrite: bool = False, progress: bool = True, backbone: str | None = None,
-                      image_size: int | None = None, extract_precision: str | None = None) -> GalleryIndex:
+                      captions: str | Path | None = None, storage: str = "fp16",
+                      features: FeatureRequest = FeatureRequest(), overwrite: bool = False,
+                      progress: bool = True) -> GalleryIndex:
     """Index every image of a folder (features through the backbone the checkpoint was trained
     with, as in `build_from_dataset`); captions from `captions` (captions.tsv by filename, or
     plain lines) or the folder's captions.tsv."""
     require_index_out(out, overwrite, inputs=(folder, checkpoint) + ((captions,) if captions else ()))
     ckpt = Path(checkpoint)
     model, spec, _ = load_model_and_spec(ckpt)
-    opts = extraction_options(spec, grid, text_encoder, max_tokens, backbone, image_size, extract_precision)
+    options = extraction_options(spec, features)
     folder = Path(folder).resolve()
     paths = list_images(folder)
     if captions is None and (folder / "captions.tsv").is_file():
         captions = folder / "captions.tsv"
     require_images(paths)
-    extractor, encoder = image_backbone(opts), options_text_encoder(opts)
+    extractor, encoder = options.image_backbone(), options.encoder()
     found = FeatureSpec.from_extractors(extractor, encoder)
     spec.require_match(found, f"checkpoint {ckpt}", f"the backbone and text encoder for {folder}")
     _check_dims(model, extractor.dim, encoder.dim, ckpt)
@@ -208,7 +201,8 @@ def _select_images(bank: ImageBank, rows: list[int]) -> ImageBank:
     return ImageBank(**{f: getattr(bank, f)[index] for f in ImageBank.FIELDS})
 
 
-def _fresh_captions(w: IndexWriter, texts: list[str], image_names: list[str | None]) -> tuple[list[int], list[int | None]]:
+def _fresh_captions(w: IndexWriter, texts: list[str],
+                    image_names: list[str | None]) -> tuple[list[int], list[int | None]]:
     """Which captions the index does not hold yet (each once), read under the write lock ->
     (their positions in `texts`, the image id each names)."""
     by_name = {n: i for i, n in enumerate(w.image_names())}
@@ -236,8 +230,8 @@ def add_to_index(index: str | Path, images: Sequence[str | Path], checkpoint: st
         raise DataError(f"index {idx.path} holds precomputed (precomp) features; images cannot be added to it",
                         "build a separate index of your image folder")
     model, _ = load_model(ckpt)
-    opts = idx.extraction_options()
-    backbone, encoder = image_backbone(opts), options_text_encoder(opts)
+    options = idx.extraction_options()
+    backbone, encoder = options.image_backbone(), options.encoder()
     paths, roots = _unique_images(images)
     known = {p for p in idx.image_paths if p}
     paths = [p for p in paths if str(p) not in known]

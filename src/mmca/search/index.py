@@ -41,7 +41,7 @@ import torch
 from mmca.checkpoint import checkpoint_identity
 from mmca.data.spec import ARRAYS, PRECOMP, FeatureSpec
 from mmca.errors import CheckpointError, DataError, MmcaError
-from mmca.features.options import extraction_options
+from mmca.features.options import FeatureOptions, FeatureRequest, extraction_options
 from mmca.folders import build_sibling, kind_of, mark, require_writable, sweep_leftovers
 
 FORMAT = "mmca-index-v1"
@@ -198,10 +198,10 @@ class GalleryIndex:
         """Whether its features come from photos through a backbone (not precomputed ones)."""
         return self.spec.image.source not in (PRECOMP, ARRAYS)
 
-    def extraction_options(self, text_encoder: str | Path | None = None) -> dict[str, Any]:
-        """The extractors' options that compute the index's features, checked against its spec
-        before any feature is computed (`mmca.features.options`)."""
-        return extraction_options(self.spec, text_encoder=text_encoder)
+    def extraction_options(self, text_encoder: str | Path | None = None) -> FeatureOptions:
+        """The extractors' options that compute the index's features, read from the spec it
+        records and checked against it before any feature is computed (`mmca.features.options`)."""
+        return extraction_options(self.spec, FeatureRequest(text_encoder=text_encoder))
 
     def resolve_checkpoint(self, path: str | Path | None) -> Path:
         if path is None:
@@ -224,7 +224,8 @@ class GalleryIndex:
         return torch.from_numpy(np.concatenate([np.asarray(s.arrays["i0"], dtype=np.float32)
                                                 for s in self.image_shards]))
 
-    def image_rows(self, ids: Sequence[int] | np.ndarray, fields: Sequence[str] = IMAGE_FIELDS) -> dict[str, torch.Tensor]:
+    def image_rows(self, ids: Sequence[int] | np.ndarray,
+                   fields: Sequence[str] = IMAGE_FIELDS) -> dict[str, torch.Tensor]:
         """The bank fields of the given images (in the given order) as float32 tensors."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if len(ids) and (ids.min() < 0 or ids.max() >= self.num_images):

@@ -33,7 +33,6 @@ from mmca.engine.heatmap import token_heatmap
 from mmca.errors import DataError, MmcaError
 from mmca.features.backbone import MIN_SIDE, fit_photo
 from mmca.features.images import IMAGE_FORMATS, IMAGE_TYPES
-from mmca.features.options import image_backbone, text_encoder as options_text_encoder
 from mmca.features.sentences import is_unicode_text, wordless
 from mmca.search.index import GalleryIndex
 
@@ -130,7 +129,7 @@ class Searcher:
         self.engine = ScoringEngine(self.model, "cpu", "fp32")
         meta = self.index.meta
         self.options = self.index.extraction_options(text_encoder)  # the installed encoder checked too
-        self.encoder = options_text_encoder(self.options)
+        self.encoder = self.options.encoder()
         self.i0 = self.index.i0()
         n = self.index.num_images
         fp32_bytes = self.index.storage_bytes * (2 if meta.get("storage") == "fp16" else 1)
@@ -149,7 +148,7 @@ class Searcher:
             if not self.index.has_photos:
                 raise QueryError("this index holds precomputed features: image queries need an index built from images",
                                  status=409)
-            self._backbone = image_backbone(self.options)
+            self._backbone = self.options.image_backbone()
         return self._backbone
 
     def _encode(self, text: str):
@@ -199,7 +198,8 @@ class Searcher:
         passes0 = self.engine.pair_passes
         k = min(k, len(self.index.captions))
         s, i = self.engine.topk_captions(bank, self.caption_bank, k)
-        stats = SearchStats((time.perf_counter() - t0) * 1e3, len(self.index.captions), self.engine.pair_passes - passes0)
+        stats = SearchStats((time.perf_counter() - t0) * 1e3, len(self.index.captions),
+                            self.engine.pair_passes - passes0)
         out = []
         for v, j in zip(s[0].tolist(), i[0].tolist()):
             img = int(self.index.caption_image[j])

@@ -285,7 +285,8 @@ def listen(host: str, port: int) -> socket.socket:
 def _bind_error(host: str, port: int, err: OSError) -> MmcaError:
     if err.errno == errno.EADDRINUSE:
         return MmcaError(f"port {port} on {host} is in use by another program",
-                         f"stop that program, or pass another --port (e.g. --port {port + 1 if port < 65535 else 8000})")
+                         "stop that program, or pass another --port "
+                         f"(e.g. --port {port + 1 if port < 65535 else 8000})")
     if err.errno == errno.EACCES:
         return MmcaError(f"port {port} on {host} needs privileges this user does not have",
                          "pass a --port above 1023")
