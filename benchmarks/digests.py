@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 from mmca.features.cache import content_fingerprint
+from mmca.hardware import cpu_model_name
 
 
 def drop_from_page_cache(path: Path) -> None:
@@ -26,17 +26,6 @@ def drop_from_page_cache(path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else the machine type."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def timed_pass(folder: Path, names: list[str], store: Path) -> float:
@@ -60,7 +49,7 @@ def main() -> int:
         store.unlink()
         memory = timed_pass(args.images, names, store)
         warm = timed_pass(args.images, names, store)
-    print(f"{len(names)} files, {size / 2**20:.0f} MiB, {cpu_name()}")
+    print(f"{len(names)} files, {size / 2**20:.0f} MiB, {cpu_model_name()}")
     print(f"cold from disk {disk:.2f} s ({size / 2**20 / disk:.0f} MiB/s), cold from memory {memory:.2f} s "
           f"({size / 2**20 / memory:.0f} MiB/s), warm (stored digests) {warm:.3f} s")
     return 0

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from mmca.features import text_encoder as te
 from mmca.features.backbone import ImageBackbone
 from mmca.features.precision import vnni_int8
 from mmca.features.text_encoder import TextEncoder
-from mmca.hardware import native_bf16
+from mmca.hardware import cpu_model_name, native_bf16
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
 BACKBONES = ("efficientnet_lite2", "mobilenet_v2")
@@ -55,14 +54,6 @@ class Case:
     threads: int
     base: str | None = None  # the label of the fp32 case it is compared with
     best: float = float("inf")
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return "unknown CPU"
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -195,7 +186,7 @@ def main() -> int:
     lines = (args.dataset / "captions.tsv").read_text(encoding="utf-8").splitlines()
     captions = [line.partition("\t")[2] for line in lines]
     caps = " ".join(f"{k}={os.environ[k]}" for k in CAPS if os.environ.get(k)) or "no instruction-set cap"
-    print(f"{date.today()}  {cpu_name()}  torch {torch.__version__}  capability "
+    print(f"{date.today()}  {cpu_model_name()}  torch {torch.__version__}  capability "
           f"{torch.backends.cpu.get_cpu_capability()}  ({caps})")
     print(f"bf16 units: {native_bf16('cpu')[1]}; int8: {vnni_int8()[1]}")
 

@@ -8,6 +8,7 @@ a CPU without bf16 is imitated) is reported as running below it, not as the CPU 
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -28,6 +29,19 @@ def cpu_flags() -> set[str] | None:
         if line.startswith(("flags", "Features")):
             return set(line.split(":", 1)[1].split())
     return None
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name as the OS reports it (Linux), else the machine type: what every
+    measured figure names."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine() or "unknown CPU"
 
 
 def native_bf16(device: str | torch.device = "cpu") -> tuple[bool | None, str]:

@@ -1,9 +1,9 @@
 """The number format the frozen extractors compute in: fp32, bf16 (autocast) or int8 (dynamic
 quantisation of the text encoder's Linear layers), chosen by hardware or by the user.
 
-What each one buys was measured with benchmarks/extract.py (docs/benchmarks.md, "Feature
-extraction"): bf16 pays only where the CPU has bf16 units (the engine's detection,
-`mmca.engine.precision.native_bf16`); int8 pays only where fbgemm's int8 kernels have VNNI
+What each one buys was measured with benchmarks/extract.py (docs/benchmarks.md, "Extraction
+precision"): bf16 pays only where the CPU has bf16 units (the engine's detection,
+`mmca.hardware.native_bf16`); int8 pays only where fbgemm's int8 kernels have VNNI
 (AVX512_VNNI or AVX_VNNI): with plain AVX2 they ran MPNet no faster than fp32. The backbones
 are all convolutions, which dynamic quantisation does not touch, so "int8" leaves images in
 fp32. Features computed one way are a different feature set: the resolved precision of each
