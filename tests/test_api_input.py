@@ -1,6 +1,6 @@
 """The API refuses what is not input with an MmcaError that says what to do, never a raw
 traceback: sentences with no visible characters or lone surrogates, region arrays that are
-not real numbers, a device that does not exist, a PIL image of a truncated JPEG."""
+not real numbers, raw bytes, a device that does not exist, a PIL image of a truncated JPEG."""
 
 from __future__ import annotations
 
@@ -55,6 +55,12 @@ def test_region_arrays_of_other_than_real_numbers_are_refused(retriever, regions
         retriever.encode_images(regions)
 
 
+@pytest.mark.parametrize("data", [b"\xff\xd8\xff\xe0", bytearray(b"GIF89a"), memoryview(b"\x89PNG")])
+def test_raw_bytes_are_refused_with_what_to_pass_instead(retriever, data):
+    with pytest.raises(DataError, match="(?s)raw bytes.*PIL.Image.open"):
+        retriever.encode_images(data)
+
+
 def test_integer_regions_are_numbers(retriever):
     assert len(retriever.encode_images(np.zeros((2, 36, 1280), np.int32))) == 2
 
@@ -63,6 +69,7 @@ def test_integer_regions_are_numbers(retriever):
     ("banana", "'banana' is not a device PyTorch knows"),
     (7.5, "is not a device PyTorch knows"),
     ("cuda:99", "cuda:99"),  # no CUDA here, or no 100th GPU where there is
+    ("meta", "holds no data"),
 ])
 def test_a_device_that_does_not_exist_is_a_clean_error(checkpoint, device, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,8 +1,11 @@
 """Folder markers: a command may replace only a folder of its own kind."""
 
 import os
+import sqlite3
+from contextlib import closing
 
 import pytest
+import torch
 
 from mmca.folders import FolderError, kind_of, mark, require_writable
 
@@ -15,19 +18,57 @@ def test_marked_folder_is_its_kind(tmp_path):
         require_writable(tmp_path / "ix", "run")
 
 
+def _index_db(path):
+    with closing(sqlite3.connect(path)) as db:
+        db.executescript("CREATE TABLE meta (k); CREATE TABLE images (k); CREATE TABLE captions (k);")
+
+
 def test_legacy_folders_by_contents(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    for name in ("last.pt", "log.csv", "prefix-epoch4.pt"):
+    torch.save({"epoch": 1}, run / "last.pt")
+    for name in ("log.csv", "prefix-epoch4.pt", ".last.pt.1234.tmp"):
         (run / name).write_bytes(b"x")
     assert kind_of(run) == "run"
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text('{"config": {}, "feature_spec": {}}')
     (model / "model.safetensors").write_bytes(b"x")
     assert kind_of(model) == "model"
     (model / "thesis.txt").write_text("mine")
     assert kind_of(model) is None  # a user's file inside: not mmca's any more
+    index = tmp_path / "index"
+    index.mkdir()
+    _index_db(index / "index.sqlite")
+    assert kind_of(index) == "index"
+
+
+@pytest.mark.parametrize("files", [
+    {"config.json": "{}", "log.csv": "epoch,loss\n"},       # a run's names, but no checkpoint
+    {"last.pt": "not a checkpoint", "log.csv": ""},          # a checkpoint's name, not its content
+    {"index.sqlite": "my notes"},                            # an index's name, not a database
+    {"config.json": '{"lr": 1}', "model.safetensors": ""},  # a model's names, not its config
+])
+def test_a_folder_with_mmca_names_but_not_its_contents_is_not_taken(tmp_path, files):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert kind_of(tmp_path) is None
+    with pytest.raises(FolderError, match="made by mmca"):
+        require_writable(tmp_path, "run")
+    with pytest.raises(FolderError, match="made by mmca"):
+        require_writable(tmp_path, "index")
+
+
+def test_hidden_entries_count(tmp_path):
+    _index_db(tmp_path / "index.sqlite")
+    (tmp_path / ".thesis.tex").write_text("mine")
+    assert kind_of(tmp_path) is None
+
+
+def test_messages_read_right(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(FolderError, match=r"\(1 entry\), not an index folder"):
+        require_writable(tmp_path, "index")
 
 
 def test_a_users_folder_is_refused_and_left_as_it_is(tmp_path):

@@ -20,6 +20,9 @@ def home(tmp_path, checkpoint):
     (tmp_path / "data" / "captions.tsv").write_text("a.jpg\ta dog\n")
     (tmp_path / "victim").mkdir()
     (tmp_path / "victim" / "thesis.txt").write_text("thesis\n")
+    (tmp_path / "lookalike").mkdir()  # a user's folder with a run's file names, but no checkpoint
+    (tmp_path / "lookalike" / "config.json").write_text('{"experiment": 3}\n')
+    (tmp_path / "lookalike" / "log.csv").write_text("date,weight\n")
     export_model_dir(checkpoint, tmp_path / "model")
     return tmp_path
 
@@ -28,6 +31,7 @@ def home(tmp_path, checkpoint):
 @pytest.mark.parametrize("target, message", [
     ("model", "is a model folder"),  # its config.json would be overwritten: the model would not load
     ("victim", "thesis.txt"),
+    ("lookalike", "config.json, log.csv"),
     ("data", "overlaps the input"),
     (".", "current directory"),
 ])

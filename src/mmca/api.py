@@ -143,6 +143,9 @@ class Retriever:
             regions = self._check_regions(images)
             names = [str(i) for i in range(len(regions))]
             return self._image_gallery(regions, names, [None] * len(names))
+        if isinstance(images, (bytes, bytearray, memoryview)):
+            raise DataError("cannot encode raw bytes as images",
+                            "pass a file path, or open the bytes first: PIL.Image.open(io.BytesIO(data))")
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
         try:

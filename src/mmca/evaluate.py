@@ -239,17 +239,41 @@ def results_name(split: str, result: EvaluationResult) -> str:
     return "eval-" + "-".join(parts) + ".json"
 
 
+def default_results_path(checkpoint: str | Path, split: str, result: EvaluationResult) -> Path:
+    """Where `mmca evaluate` writes without --out: inside a model directory, or beside a
+    checkpoint file in its run folder, so that models side by side never share a results file."""
+    checkpoint = Path(checkpoint)
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    return folder / results_name(split, result)
+
+
 def require_results_file(path: str | Path) -> Path:
-    """`--out` names the JSON file to write: checked before any work, so that a folder (or a
-    path under a file) is a clean error, not one after the whole evaluation has run."""
+    """`--out` names the JSON file to write: checked before any work, so that a folder, a path
+    under a file, a link or a file mmca did not write is a clean error (and left as it is), not
+    one after the whole evaluation has run. An earlier results file is replaced."""
     path = Path(path)
+    if path.is_symlink():
+        raise DataError(f"--out {path} is a symbolic link; it is left as it is", "pass the path of a new file")
     if path.is_dir():
         raise DataError(f"--out {path} is a folder; it takes the path of the JSON results file",
                         f"pass a file path, e.g. --out {path / 'eval.json'}")
+    if path.exists() and not is_results_file(path):
+        raise DataError(f"--out {path} is a file that is not an mmca evaluation result; it is left as it is",
+                        "pass the path of a new file (or of an earlier `mmca evaluate` result to replace it)")
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise DataError(f"--out {path}: {parent} is a file, not a folder", "pass a path in a folder")
     return path
+
+
+def is_results_file(path: Path) -> bool:
+    """Whether `path` holds what `write_results` writes (a JSON object with the mmca version,
+    the protocol and the metrics)."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(payload, dict) and {"mmca_version", "protocol", "metrics"} <= payload.keys()
 
 
 def write_results(path: str | Path, result: EvaluationResult, **provenance: Any) -> Path:

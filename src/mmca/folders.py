@@ -2,7 +2,8 @@
 into only a folder of its own kind, never a folder a user made.
 
 The marker is a small JSON file, `.mmca-folder.json`: `{"kind": "index", "format": 1}`.
-Folders written before markers existed are recognised by their exact contents (`LEGACY`).
+Folders written before markers existed are recognised by their exact contents (`LEGACY_NAMES`),
+and only where their signature file holds what mmca writes there.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import os
 import re
 import secrets
 import shutil
+import sqlite3
+import zipfile
+from contextlib import closing
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -25,16 +29,55 @@ FORMAT = 1
 # bench: `mmca bench --search`'s indexes and checkpoints.
 KINDS = ("run", "sample", "index", "model", "cache", "bench")
 
-# What each kind's folder held before markers: an unmarked folder is taken as a kind when it
-# holds one of that kind's signature files and nothing but the names (glob patterns) it writes.
-LEGACY: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "run": (("last.pt", "best.pt", "log.csv"),
-            ("last.pt", "best.pt", "log.csv", "config.json", "curves.png", "prefix-epoch*.pt", "eval-*.json")),
-    "sample": (("results.json", "alpha0"), ("alpha0", "mmca", "model", "results.json")),
-    "index": (("index.sqlite",), ("index.sqlite", "index.sqlite-*", "shards")),
-    "model": (("model.safetensors",), ("config.json", "model.safetensors", "README.md")),
-    "bench": (("random-d256.pt",), ("random-d256.pt", "dev-*", "syn*-*", "results.json")),
+# What each kind's folder held before markers: an unmarked folder is taken as a kind only when
+# its signature file has the content mmca writes there (checked from the file's header or its
+# tables), and every entry, hidden ones included, is a name (glob pattern) that kind writes.
+LEGACY_NAMES: dict[str, tuple[str, ...]] = {
+    "run": ("last.pt", "best.pt", "log.csv", "config.json", "curves.png", "prefix-epoch*.pt", "eval-*.json",
+            ".last.pt.*.tmp", ".best.pt.*.tmp"),
+    "sample": ("alpha0", "mmca", "model", "results.json"),
+    "index": ("index.sqlite", "index.sqlite-*", "shards"),
+    "model": ("config.json", "model.safetensors", "README.md", "eval-*.json"),
+    "bench": ("random-d256.pt", "dev-*", "syn*-*", "results.json"),
 }
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _is_torch_file(path: Path) -> bool:
+    return path.is_file() and zipfile.is_zipfile(path)  # torch.save writes a zip archive
+
+
+def _is_index_db(path: Path) -> bool:
+    """An SQLite file holding the tables an index writes (read only; nothing is created)."""
+    try:
+        with path.open("rb") as f:
+            if f.read(len(_SQLITE_HEADER)) != _SQLITE_HEADER:
+                return False
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except (OSError, sqlite3.Error):
+        return False
+    return {"meta", "images", "captions"} <= tables
+
+
+def _is_model_config(path: Path) -> bool:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "feature_spec" in config and "config" in config
+
+
+def _legacy_signature(folder: Path, kind: str) -> bool:
+    if kind == "run":
+        return _is_torch_file(folder / "last.pt") or _is_torch_file(folder / "best.pt")
+    if kind == "sample":
+        return (folder / "results.json").is_file() and kind_of(folder / "alpha0") == "run"
+    if kind == "index":
+        return _is_index_db(folder / "index.sqlite")
+    if kind == "model":
+        return (folder / "model.safetensors").is_file() and _is_model_config(folder / "config.json")
+    return _is_torch_file(folder / "random-d256.pt")  # bench
 
 
 class FolderError(MmcaError):
@@ -61,10 +104,9 @@ def kind_of(folder: str | Path) -> str | None:
         except (OSError, ValueError, AttributeError):
             return None
         return kind if kind in KINDS else None
-    entries = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
-    for kind, (signatures, patterns) in LEGACY.items():
-        if (any(name in entries for name in signatures)
-                and all(any(fnmatch(e, pat) for pat in patterns) for e in entries)):
+    entries = [p.name for p in folder.iterdir()]
+    for kind, patterns in LEGACY_NAMES.items():
+        if all(any(fnmatch(e, pat) for pat in patterns) for e in entries) and _legacy_signature(folder, kind):
             return kind
     return None
 
@@ -79,7 +121,8 @@ def describe(folder: Path, limit: int = 5) -> str:
     if not names:
         return "an empty folder"
     shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
-    return f"a folder holding {shown} ({len(names)} entries)"
+    count = "1 entry" if len(names) == 1 else f"{len(names)} entries"
+    return f"a folder holding {shown} ({count})"
 
 
 def is_empty_dir(folder: Path) -> bool:
@@ -106,14 +149,20 @@ def require_writable(folder: str | Path, kind: str, *, inputs: tuple[str | Path,
     if not path.exists() and not path.is_symlink():
         return resolved
     if path.is_symlink() or not path.is_dir():
-        raise FolderError(f"{flag} {folder} is {describe(path)}, not a {kind} folder; it is left as it is",
+        raise FolderError(f"{flag} {folder} is {describe(path)}, not {_article(kind)} {kind} folder; "
+                          "it is left as it is",
                           f"give {flag} a new folder")
     if is_empty_dir(path) or kind_of(path) == kind:
         return resolved
     found = kind_of(path)
-    what = f"a {found} folder" if found else describe(path)
-    raise FolderError(f"{flag} {folder} is {what}, not a {kind} folder made by mmca; it is left as it is",
+    what = f"{_article(found)} {found} folder" if found else describe(path)
+    raise FolderError(f"{flag} {folder} is {what}, not {_article(kind)} {kind} folder made by mmca; "
+                      "it is left as it is",
                       f"give {flag} a new or empty folder")
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def pid_alive(pid: int) -> bool:

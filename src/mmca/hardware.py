@@ -75,6 +75,8 @@ def usable_device(device: str | torch.device) -> torch.device:
     except (RuntimeError, TypeError) as err:
         raise ConfigError(f"device {device!r} is not a device PyTorch knows",
                           "use 'cpu', 'cuda' or 'cuda:N'") from err
+    if dev.type == "meta":  # holds shapes only: every value computed there would be missing
+        raise ConfigError("device meta holds no data; nothing can be computed on it", "use 'cpu', 'cuda' or 'cuda:N'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {dev} asked for, but this PyTorch sees no CUDA device",
                           "use the cpu, or install a CUDA build of PyTorch")

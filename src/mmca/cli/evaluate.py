@@ -72,8 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_feature_arguments(p, adopts=True)
     add_dist_arguments(p)
     p.add_argument("--out", type=Path, metavar="JSON",
-                   help="results file (default: next to the checkpoint, "
-                        "eval-<split>-<protocol>-<mode>-<precision>[...].json)")
+                   help="results file, new or an earlier result to replace (default: inside a model "
+                        "directory, or beside a checkpoint file: eval-<split>-<protocol>-<mode>-<precision>[...].json)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,7 +82,14 @@ def run(args: argparse.Namespace) -> int:
     from mmca.checkpoint import load_model_and_spec
     from mmca.data.layouts import read_split
     from mmca.dist import init_from_env
-    from mmca.evaluate import check_protocol, evaluate, format_table, require_results_file, results_name, write_results
+    from mmca.evaluate import (
+        check_protocol,
+        default_results_path,
+        evaluate,
+        format_table,
+        require_results_file,
+        write_results,
+    )
     from mmca.features.prepare import open_dataset
     from mmca.hardware import usable_device
 
@@ -110,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
                       ties=args.ties, feature_spec=spec, shard=shard)
     if not shard.main:  # every rank has the same result; one writes and prints it
         return 0
-    out = args.out or args.checkpoint.parent / results_name(args.split, result)
+    out = require_results_file(args.out or default_results_path(args.checkpoint, args.split, result))
     write_results(out, result, checkpoint=str(args.checkpoint.resolve()),
                   dataset_root=str(source.root), feature_spec=spec.to_dict())
 
