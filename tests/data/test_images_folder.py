@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from mmca.data import read_split
 from mmca.errors import DataError
+from mmca.features.images import list_images
 
 Sample = list[tuple[str, list[str]]]
 
@@ -127,3 +130,11 @@ def test_not_utf8_names_the_line(make_images_folder, real_sample: Sample) -> Non
     (root / "captions.tsv").write_bytes(b"\n".join(data))
     err = _error(root)
     assert "captions.tsv, line 4: not valid UTF-8" in err.message
+
+
+def test_a_folder_listing_names_each_file_once(tmp_path):
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "a.jpg")
+    (tmp_path / "b-link.jpg").symlink_to(tmp_path / "a.jpg")
+    os.link(tmp_path / "a.jpg", tmp_path / "c-hard.jpg")
+    Image.new("RGB", (64, 64), "blue").save(tmp_path / "d.jpg")
+    assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "d.jpg"]

@@ -1,6 +1,6 @@
 """One image once in an index: a folder and a file in it given to one `--add`, the same folder
-added again, and two `--add` processes of one folder racing each other all store each photo
-(and each caption) once."""
+added again, symbolic and hard links to one photo, and two `--add` processes of one folder
+racing each other all store each photo (and each caption) once."""
 
 from __future__ import annotations
 
@@ -59,6 +59,22 @@ def test_a_folder_and_a_file_in_it_add_the_file_once(index_copy, new_photos, cap
     assert main(argv) == 0  # again: nothing new
     assert "(+0 images, +0 captions)" in capsys.readouterr().out
     assert_each_once(index_copy, new_photos)
+
+
+def test_links_to_one_photo_add_it_once(index_copy, new_photos, tmp_path, capsys):
+    photo = sorted(new_photos.iterdir())[0]
+    (new_photos / "z-symlink.jpg").symlink_to(photo)
+    os.link(photo, new_photos / "z-hardlink.jpg")
+    elsewhere = tmp_path / "elsewhere.jpg"
+    elsewhere.symlink_to(photo)
+    argv = ["index", "--index", str(index_copy), "--add", str(new_photos), str(elsewhere)]
+    assert main(argv) == 0
+    assert "(+3 images" in capsys.readouterr().out
+    assert main(["index", "--index", str(index_copy), "--add", str(new_photos / "z-hardlink.jpg")]) == 0
+    assert "(+0 images" in capsys.readouterr().out
+    paths = [Path(p) for p in GalleryIndex(index_copy).image_paths if p]
+    assert len(paths) == N_IMAGES + 3
+    assert sum(p.samefile(photo) for p in paths) == 1
 
 
 def _wait_for(files: list[Path], text: str, procs: list[subprocess.Popen], limit: float = 300.0) -> None:

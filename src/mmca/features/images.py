@@ -17,11 +17,32 @@ IMAGE_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "W
 IMAGE_FORMATS = tuple(IMAGE_TYPES)
 
 
+def file_identity(path: Path) -> tuple[int, int]:
+    """The file a path names, whatever the path: a symbolic or hard link to a file has its identity."""
+    stat = Path(path).stat()
+    return stat.st_dev, stat.st_ino
+
+
+def unique_files(paths: Sequence[Path], known: set[tuple[int, int]] | None = None) -> list[Path]:
+    """`paths` in order, each file once (the first path to name it), leaving out those in `known`
+    (the identities of files already held; updated with those kept)."""
+    seen = known if known is not None else set()
+    kept = []
+    for path in paths:
+        key = file_identity(path)
+        if key not in seen:
+            seen.add(key)
+            kept.append(path)
+    return kept
+
+
 def list_images(folder: Path) -> list[Path]:
+    """The image files of a folder (not its subfolders), by name, each file once: a link to a
+    photo the folder already holds is left out."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"image folder not found: {folder}", "pass a folder that holds .jpg/.png images")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = unique_files(sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
     for p in paths:
         try:
             p.name.encode("utf-8")

@@ -16,7 +16,7 @@ from mmca.data.spec import FeatureSpec
 from mmca.engine import ScoringEngine
 from mmca.engine.bank import ImageBank
 from mmca.errors import CheckpointError, DataError, MmcaError
-from mmca.features.images import list_images, require_images
+from mmca.features.images import file_identity, list_images, require_images, unique_files
 from mmca.features.options import FeatureRequest, extraction_options
 from mmca.features.prepare import prepare_split
 from mmca.features.sentences import wordless
@@ -180,20 +180,32 @@ def build_from_folder(out: str | Path, checkpoint: str | Path, folder: str | Pat
 
 
 def _unique_images(images: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
-    """The image files named (files, or folders of images), resolved, each once in the order
-    first named -> (files, the resolved paths given)."""
-    files: dict[Path, None] = {}
+    """The image files named (files, or folders of images), resolved, each file once in the
+    order first named (a link to a file already named is left out) -> (files, the resolved
+    paths given)."""
+    files: list[Path] = []
     roots: list[Path] = []
     for p in images:
         p = Path(p).resolve()
         if p.is_dir():
-            files.update(dict.fromkeys(list_images(p)))
+            files += list_images(p)
         elif p.is_file():
-            files[p] = None
+            files.append(p)
         else:
             raise DataError(f"image not found: {p}", "pass existing image files or folders")
         roots.append(p)
-    return list(files), roots
+    return unique_files(files), roots
+
+
+def _held_files(paths: Sequence[str | None]) -> set[tuple[int, int]]:
+    """The identities of the indexed photos still on disk (a moved or deleted one holds none)."""
+    held = set()
+    for p in filter(None, paths):
+        try:
+            held.add(file_identity(Path(p)))
+        except OSError:
+            continue
+    return held
 
 
 def _select_images(bank: ImageBank, rows: list[int]) -> ImageBank:
@@ -221,9 +233,10 @@ def _fresh_captions(w: IndexWriter, texts: list[str],
 def add_to_index(index: str | Path, images: Sequence[str | Path], checkpoint: str | Path | None = None,
                  captions: str | Path | None = None, progress: bool = True) -> tuple[int, int]:
     """Append images (files, or folders of images) and optional captions to an index without
-    rebuilding it -> (images added, captions added). An image (by resolved path) or a caption
-    (by text and image) the index already holds is skipped: checked once before features are
-    computed, and again under the write lock, so repeated and concurrent adds store each once."""
+    rebuilding it -> (images added, captions added). An image (by file, whatever path or link
+    names it) or a caption (by text and image) the index already holds is skipped: checked once
+    before features are computed, and again under the write lock, so repeated and concurrent
+    adds store each once."""
     idx = GalleryIndex(index)
     ckpt = idx.resolve_checkpoint(checkpoint)
     if not idx.has_photos:
@@ -233,8 +246,7 @@ def add_to_index(index: str | Path, images: Sequence[str | Path], checkpoint: st
     options = idx.extraction_options()
     backbone, encoder = options.image_backbone(), options.encoder()
     paths, roots = _unique_images(images)
-    known = {p for p in idx.image_paths if p}
-    paths = [p for p in paths if str(p) not in known]
+    paths = unique_files(paths, _held_files(idx.image_paths))
     require_images(paths)
     names = list(idx.image_names) + [p.name for p in paths]
     source = Path(captions) if captions else None
@@ -245,8 +257,8 @@ def add_to_index(index: str | Path, images: Sequence[str | Path], checkpoint: st
     bank = engine.image_bank(_extract(backbone, paths, progress)) if paths else None
     with IndexWriter(idx.path) as w:
         w.add_gallery_roots(roots)
-        indexed = w.image_paths()
-        fresh = [i for i, p in enumerate(paths) if str(p) not in indexed]
+        held = _held_files(list(w.image_paths()))
+        fresh = [i for i, p in enumerate(paths) if file_identity(p) not in held]
         if fresh:
             w.add_images(_select_images(bank, fresh), [paths[i].name for i in fresh], [str(paths[i]) for i in fresh])
         keep, cap_ids = _fresh_captions(w, texts, cap_names)
