@@ -14,6 +14,7 @@ import torch
 from mmca.checkpoint import load_model, read_checkpoint
 from mmca.config import ModelConfig, TrainConfig
 from mmca.data.dataset import RetrievalDataset, TokenFeatures
+from mmca.engine.fused import FusedKernel
 from mmca.errors import MmcaError
 from mmca.train import Trainer, batch_order, learning_rate
 
@@ -392,3 +393,15 @@ def test_a_resumed_run_keeps_its_feature_spec_names_included(tmp_path):
     for spec in (json.loads((tmp_path / "config.json").read_text())["feature_spec"],
                  read_checkpoint(tmp_path / "last.pt")["feature_spec"]):
         assert spec["text"]["name"] == "minilm" and spec["text"]["model_dir"] == "/models/minilm"
+
+
+def test_training_never_fuses_only_the_shapes_something_else_compiled(tmp_path, monkeypatch):
+    """Under the default switch ("warm") a run would fuse the block shapes that a benchmark or
+    another job compiled earlier and score the rest eagerly: its numbers would depend on the
+    kernel cache. Every engine a run builds is "off" unless fusing is asked for everywhere."""
+    modes = []
+    real = FusedKernel.ready
+    monkeypatch.setattr(FusedKernel, "ready", lambda self, shape: modes.append(self.mode) or real(self, shape))
+    monkeypatch.setenv("MMCA_FUSED_KERNEL", "warm")
+    train_tiny(tmp_path, TINY.replace(epochs=1))
+    assert modes and set(modes) == {"off"}

@@ -156,6 +156,7 @@ def evaluate(
     ties: str = "pessimistic",
     feature_spec: FeatureSpec | None = None,
     shard: Shard | None = None,
+    fused: str | None = None,
 ) -> EvaluationResult:
     """Rank every fold of `dataset` under `protocol` and compute its metrics (docs/data.md).
 
@@ -169,6 +170,7 @@ def evaluate(
     features must match it.
     shard: this rank's share of the queries under torch.distributed (`mmca.dist`); every rank
     returns the single-process metrics, bit for bit.
+    fused: the fused pair kernel's switch (`mmca.engine.fused`; default $MMCA_FUSED_KERNEL).
     """
     if isinstance(protocol, str):
         if protocol not in PROTOCOLS:
@@ -188,7 +190,7 @@ def evaluate(
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     choice = resolve_precision(precision, device, exact=mode != "shortlist")
-    engine = ScoringEngine(model, device=device, precision=choice.precision)
+    engine = ScoringEngine(model, device=device, precision=choice.precision, fused=fused)
     folds, passes, pairs, encode_s, rank_s = [], 0, 0, 0.0, 0.0
     # Folds are disjoint, so encoding each fold's banks encodes every item exactly once.
     for images, captions in fold_indices(dataset.caption_image, dataset.num_images, protocol.fold_size):

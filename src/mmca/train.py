@@ -38,6 +38,7 @@ from mmca.data.identity import SplitIdentity, shared_images
 from mmca.dist import Shard
 from mmca.engine import mined_loss
 from mmca.engine.bank import pad_tokens
+from mmca.engine.fused import fused_mode
 from mmca.engine.global_batch import average_gradients, global_mined_loss
 from mmca.engine.precision import PrecisionChoice, resolve_precision
 from mmca.errors import MmcaError
@@ -134,6 +135,9 @@ class Trainer:
         self.last_path, self.best_path = self.out_dir / "last.pt", self.out_dir / "best.pt"
 
         self.mining = resolve_precision(self.config.mining_precision, self.device)
+        # A run's numbers must not depend on which kernel shapes something else compiled before
+        # ("warm" fuses only those): training fuses every shape or none.
+        self.fused = "on" if fused_mode() == "on" else "off"
         torch.manual_seed(self.config.seed)
         self.model = MMCA(self.config.model).to(self.device)
         self.optimizer = build_optimizer(self.model, self.config)
@@ -282,7 +286,8 @@ class Trainer:
         images = ds.caption_image[captions]
         views = self._image_views(len(images))
         same_image = torch.from_numpy(images[:, None] == images[None, :]).to(self.device)
-        common = dict(margin=self.config.margin, same_image=same_image, kind=kind, precision=self.mining.precision)
+        common = dict(margin=self.config.margin, same_image=same_image, kind=kind, precision=self.mining.precision,
+                      fused=self.fused)
         if self.shard.world == 1:
             regions = ds.image_batch(images, views=views).to(self.device)
             tokens, mask = ds.token_features.batch(captions)
@@ -369,7 +374,7 @@ class Trainer:
             train_s = time.perf_counter() - started
             self.model.eval()
             result = evaluate(self.model, self.dev_set, mode="exact", max_rank=cfg.val_max_rank,
-                              device=self.device, shard=self.shard)
+                              device=self.device, shard=self.shard, fused=self.fused)
             m = result.metrics
             row = {"epoch": st.epoch + 1, "loss": round(loss, 4), "loss_kind": kind, "lr": lr,
                    "train_s": round(train_s, 1), "val_s": round(result.seconds, 1),

@@ -59,7 +59,7 @@ def shares(n: int, shard: Shard) -> list[int]:
 
 def global_mined_loss(model, regions, tokens, mask, shard: Shard, batch_size: int, margin: float = 0.2,
                       same_image=None, kind: str = "max", precision: str = "fp32",
-                      stats: dict | None = None) -> torch.Tensor:
+                      stats: dict | None = None, fused: str | None = None) -> torch.Tensor:
     """`mined_loss` of the global batch of `batch_size` items, of which this rank passes its
     share (`Shard.span`): regions (b, k, D_img), tokens (b, n, D_txt) padded to the global
     batch's longest caption, mask (b, n); `same_image` is the global (B, B) mask."""
@@ -77,7 +77,7 @@ def global_mined_loss(model, regions, tokens, mask, shard: Shard, batch_size: in
         return gather_rows(part, shares(len(a), shard))
 
     return loss_from_encodings(model, r, i0, e, c0, mask, margin, same_image, kind, precision,
-                               stats=stats, recompute=recompute, shard=shard)
+                               stats=stats, recompute=recompute, shard=shard, fused=fused)
 
 
 def average_gradients(params, shard: Shard) -> None:

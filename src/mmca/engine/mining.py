@@ -173,23 +173,25 @@ def mine_pairs(engine: ScoringEngine, images, texts, margin: float, same_image=N
 
 def mined_loss(model, regions, tokens, mask, margin: float = 0.2, same_image=None,
                kind: str = "max", precision: str = "fp32", block_pairs: int | None = None,
-               stats: dict | None = None) -> torch.Tensor:
+               stats: dict | None = None, fused: str | None = None) -> torch.Tensor:
     """The batch loss with the gradient of back-propagating through all B² pairs.
 
     A no-grad pass with the engine mines the pairs that carry a gradient (kind "max", Eq. 15:
     the hardest negatives, <= 3B pairs with the positives; kind "sum": every negative that
     violates the margin), which are then recomputed with grad. `precision="bf16"` runs only
     the mining pass in bfloat16 (the recompute stays float32; near-ties within the bf16
-    tolerance are all recomputed). `stats`, if given, receives pair-pass counts."""
+    tolerance are all recomputed). `stats`, if given, receives pair-pass counts. `fused`: the
+    mining engine's fused-kernel switch (`mmca.engine.fused`)."""
     r, i0 = model.encode_image(regions)
     e, c0 = model.encode_text(tokens, mask)
     return loss_from_encodings(model, r, i0, e, c0, mask, margin, same_image, kind, precision,
-                               block_pairs, stats)
+                               block_pairs, stats, fused=fused)
 
 
 def loss_from_encodings(model, r, i0, e, c0, mask, margin: float = 0.2, same_image=None, kind: str = "max",
                         precision: str = "fp32", block_pairs: int | None = None, stats: dict | None = None,
-                        recompute=_pair_scores_grad, shard: Shard = Shard()) -> torch.Tensor:
+                        recompute=_pair_scores_grad, shard: Shard = Shard(),
+                        fused: str | None = None) -> torch.Tensor:
     """`mined_loss` from the batch's encodings (R, i0, E', c0: all B items, with grad).
     `recompute(model, r, i0, e, c0, mask, a, b)` gives the differentiable S of the mined pairs
     (a, b) (a data-parallel run splits them over its ranks: `mmca.engine.global_batch`)."""
@@ -203,7 +205,7 @@ def loss_from_encodings(model, r, i0, e, c0, mask, margin: float = 0.2, same_ima
     # no weight check: the trainer refuses non-finite gradients instead; no fixed shapes: mining
     # compares within a tie tolerance, and its calls are small (a few pairs per length bucket)
     engine = ScoringEngine(model, device=r.device, precision=precision, block_pairs=block_pairs,
-                           check_weights=False, fixed_shape=False)
+                           check_weights=False, fixed_shape=False, fused=fused)
     with inference_mode(model):
         images, texts = _batch_banks(engine, r, i0, e, c0, mask)
         a, b, passes = mine_pairs(engine, images, texts, margin, same_image, kind, shard=shard)
