@@ -20,12 +20,13 @@ import itertools
 import operator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
+from mmca.checkpoint import load_model_and_spec
 from mmca.data.dataset import TokenFeatures
 from mmca.data.spec import ARRAYS, PRECOMP, FeatureSpec
 from mmca.engine import ImageBank, ScoringEngine, TextBank
@@ -37,9 +38,7 @@ from mmca.features.images import list_images, require_images
 from mmca.features.options import FeatureOptions, FeatureRequest, extraction_options
 from mmca.features.sentences import is_unicode_text, wordless
 from mmca.hardware import usable_device
-
-if TYPE_CHECKING:
-    from mmca.search import Searcher
+from mmca.search import Searcher
 
 ImageLike = Union[str, Path, Image.Image]
 _owners = itertools.count()
@@ -359,19 +358,15 @@ def load(path: str | Path, device: str | torch.device | None = None, precision: 
     precision "auto" is float32 for exact scores; "bf16" is obeyed (approximate).
     text_encoder: the encoder's folder, where the model was trained with another than the
     installed default."""
-    from mmca.checkpoint import load_model_and_spec
-
     model, spec, _ = load_model_and_spec(path)
     return Retriever(model, spec, device=device, precision=precision, source=str(path), text_encoder=text_encoder)
 
 
 def open_index(path: str | Path, checkpoint: str | Path | None = None,
-               text_encoder: str | Path | None = None) -> "Searcher":
+               text_encoder: str | Path | None = None) -> Searcher:
     """A persistent index (`mmca index`) with its model, on the CPU: `search_text(sentence, k)`,
     `search_image_file(path, k)`, ... exactly as `mmca search` and the web page run them; each
     returns (results as dicts, SearchStats)."""
-    from mmca.search import Searcher
-
     return Searcher(path, checkpoint, text_encoder=text_encoder)
 
 

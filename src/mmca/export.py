@@ -31,6 +31,7 @@ from mmca.checkpoint import (
     load_model,
     weights_metadata,
 )
+from mmca.data.spec import FeatureSpec
 from mmca.engine.guards import require_finite_weights
 from mmca.errors import MmcaError
 from mmca.folders import mark
@@ -120,8 +121,6 @@ def _readable(folder: Path) -> None:
 def model_card(config: dict[str, Any]) -> str:
     """README.md of a model directory: what the model is, what it was trained on, how well it
     did on the split it was chosen on, and how to use it."""
-    from mmca.data.spec import FeatureSpec
-
     spec = FeatureSpec.from_dict(config["feature_spec"])
     model, train = config["config"], config.get("train_config")
     train = train if isinstance(train, dict) else {}

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from mmca.checkpoint import checkpoint_identity
+from mmca.data.dataset import TokenFeatures
 from mmca.data.spec import ARRAYS, PRECOMP, FeatureSpec
 from mmca.errors import CheckpointError, DataError, MmcaError
 from mmca.features.options import FeatureOptions, FeatureRequest, extraction_options
@@ -251,7 +252,6 @@ class GalleryIndex:
 
     def caption_tokens(self):
         """All captions' token states as one TokenFeatures (in caption id order)."""
-        from mmca.data.dataset import TokenFeatures
         if not self.caption_shards:
             return None
         states = np.concatenate([np.asarray(s.states) for s in self.caption_shards])
