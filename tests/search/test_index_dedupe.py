@@ -55,7 +55,7 @@ def test_a_folder_and_a_file_in_it_add_the_file_once(index_copy, new_photos, cap
     argv = ["index", "--index", str(index_copy), "--add", str(new_photos), str(one),
             str(new_photos / ".." / new_photos.name / one.name), "--captions", str(caps)]
     assert main(argv) == 0
-    assert "(+3 images, +1 captions)" in capsys.readouterr().out
+    assert "(+3 images, +1 caption)" in capsys.readouterr().out
     assert main(argv) == 0  # again: nothing new
     assert "(+0 images, +0 captions)" in capsys.readouterr().out
     assert_each_once(index_copy, new_photos)
@@ -108,5 +108,5 @@ def test_two_concurrent_adds_of_one_folder_store_each_image_once(index_copy, new
         assert p.returncode == 0, log.read_text()
     assert all("extract images" in log.read_text() for log in logs)  # both raced past the first check
     assert sorted(o.split("(+")[1].split(")")[0] for o in outs) == ["0 images, +0 captions",
-                                                                    "3 images, +1 captions"]
+                                                                    "3 images, +1 caption"]
     assert_each_once(index_copy, new_photos)

@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         extra = ""
         if "added_images" in summary:
-            extra = f" (+{summary['added_images']} images, +{summary['added_captions']} captions)"
+            images, captions = summary["added_images"], summary["added_captions"]
+            extra = f" (+{images} image{'' if images == 1 else 's'}, +{captions} caption{'' if captions == 1 else 's'})"
         print(f"index {summary['path']}: {summary['images']} images, {summary['captions']} captions{extra}, "
               f"{summary['bytes'] / 2**20:.1f} MiB of tensors ({summary['storage']}), "
               f"checkpoint sha256 {summary['checkpoint']['sha256'][:12]}")
