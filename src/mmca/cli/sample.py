@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mmca.checkpoint import checkpoint_identity
 from mmca.cli.features import add_feature_arguments, feature_options
+from mmca.cli.train import on_off
 from mmca.config import PRESETS, preset
 from mmca.dist import add_arguments as add_dist_arguments
 from mmca.dist import init_from_env
@@ -53,10 +54,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "full model a second epoch: docs/results.md, \"Cutting the recipe\")")
     p.add_argument("--mining-precision", choices=("auto", "fp32", "bf16"), default=None,
                    help="hardest-negative mining (default: the preset's, auto: bf16 only on bf16 hardware)")
+    p.add_argument("--mirror-images", type=on_off, default=None, metavar="on|off",
+                   help="train on each photo as is or mirrored at random; on extracts the train split twice "
+                        "(default: the preset's: "
+                        + ", ".join(f"{k} {'on' if c.mirror_images else 'off'}" for k, c in sorted(PRESETS.items()))
+                        + ")")
     p.add_argument("--cache", type=Path, help="feature cache directory (default: ~/.cache/mmca)")
     add_feature_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     add_dist_arguments(p)
+
+
+# The flags that change what `mmca sample` trains, as the exported model card repeats them.
+RECIPE_FLAGS = ("preset", "seed", "epochs", "mining_precision", "mirror_images", "backbone", "image_size", "grid",
+                "text_encoder", "max_tokens", "extract_precision")
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The `mmca sample` command that trains this recipe again (the flags given, in a fixed order)."""
+    words = ["mmca sample", str(args.dataset)]
+    for name in RECIPE_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            shown = ("on" if value else "off") if isinstance(value, bool) else value
+            words.append(f"--{name.replace('_', '-')} {shown}")
+    return " ".join(words)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         config = config.replace(epochs=args.epochs)
     if args.mining_precision is not None:
         config = config.replace(mining_precision=args.mining_precision)
+    if args.mirror_images is not None:
+        config = config.replace(mirror_images=args.mirror_images)
     features = feature_options(args)
     usable_device(args.device)  # a clear error before any feature is computed
     shard = init_from_env(args.device, args.dist_backend, args.dist_timeout)  # one shard without torchrun
@@ -121,12 +145,7 @@ def run(args: argparse.Namespace) -> int:
                   f"remove it and run again to export this one", flush=True)
     else:
         from mmca.export import export_model_dir
-        export_model_dir(best_pt, model_dir,
-                         command=f"mmca sample {args.dataset} --preset {args.preset}"
-                         + (f" --seed {args.seed}" if args.seed is not None else "")
-                         + (f" --epochs {args.epochs}" if args.epochs is not None else "")
-                         + (f" --mining-precision {args.mining_precision}" if args.mining_precision else "")
-                         + (f" --extract-precision {args.extract_precision}" if args.extract_precision else ""))
+        export_model_dir(best_pt, model_dir, command=command_line(args))
     ours = {f"{k} [{dev_set.name} {dev_set.split}]": v for k, v in rows.items()}
     table = format_table({**ours, "paper, Flickr30K 1K": PAPER_RESULTS["Flickr30K 1K"]})
     total = time.perf_counter() - started
