@@ -4,6 +4,7 @@ interrupted ones resume), then mean ± sample standard deviation of dev rsum and
 model, and of the paired difference (same seed: same initialisation, data order and views).
 
     python benchmarks/seeds.py ../shared/data/flickr8k --preset cpu --seeds 0 1 2 --out runs/seeds
+    python benchmarks/seeds.py ../shared/data/flickr8k --preset sample --out runs/g7 -- --grid 7   # to every run
     python benchmarks/seeds.py --report runs/seeds/seed0 runs/seeds/seed1 ...   # table only
     python benchmarks/seeds.py --report ... --until-epoch 6   # as if stopped after epoch 6
 """
@@ -71,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", nargs="+", type=Path, metavar="RUN", help="only print the table of these runs")
     p.add_argument("--until-epoch", type=int, metavar="N",
                    help="report the runs as if stopped after epoch N (from their logs)")
-    args = p.parse_args(argv)
+    p.epilog = "Flags after -- go to every `mmca sample` run (e.g. -- --grid 7 --mirror-images off)."
+    argv = sys.argv[1:] if argv is None else argv
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, flags = p.parse_args(argv[:cut]), argv[cut + 1:]
     runs = args.report
     if runs is None:
         if args.dataset is None:
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             out = args.out / f"seed{seed}"
             subprocess.run([sys.executable, "-m", "mmca", "sample", str(args.dataset), "--preset", args.preset,
-                            "--seed", str(seed), "--out", str(out), "--no-progress"], check=True)
+                            "--seed", str(seed), "--out", str(out), "--no-progress", *flags], check=True)
             runs.append(out)
     print(report(runs, args.until_epoch))
     return 0
