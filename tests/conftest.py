@@ -69,12 +69,14 @@ N_IMAGES = 20
 
 
 def small_checkpoint(path: Path, seed: int, backbone: str = "mobilenet_v2", image_size: int | None = None) -> Path:
+    """A small random model on the fast extractors (MobileNetV2, MiniLM): the tests that use it
+    are about behaviour, not about the features' quality."""
     from mmca.data.spec import FeatureSpec
     from mmca.features import ImageBackbone, TextEncoder
 
     torch.manual_seed(seed)
-    spec = FeatureSpec.from_extractors(ImageBackbone(6, backbone, image_size), TextEncoder())
-    return save_checkpoint(path, MMCA(ModelConfig(d=64, heads=4, cnn_filters=32)), spec)
+    spec = FeatureSpec.from_extractors(ImageBackbone(6, backbone, image_size), TextEncoder("minilm"))
+    return save_checkpoint(path, MMCA(ModelConfig(txt_dim=384, d=64, heads=4, cnn_filters=32)), spec)
 
 
 @pytest.fixture(scope="session")

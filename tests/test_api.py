@@ -293,7 +293,7 @@ def test_an_exported_model_evaluates_as_its_checkpoint(tmp_path):
 
     root = tmp_path / "precomp"
     precomp_dataset(root, np.random.default_rng(0))
-    spec = FeatureSpec(precomp_image_spec(root / "dev_ims.npy", (8, 4, 8), "float32"), text_spec(TextEncoder()))
+    spec = FeatureSpec(precomp_image_spec(root / "dev_ims.npy", (8, 4, 8), "float32"), text_spec(TextEncoder("minilm")))
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "best.pt", MMCA(ModelConfig(img_dim=8, txt_dim=384, d=32, heads=4)), spec)
     exported = export_model_dir(ckpt, tmp_path / "model")

@@ -138,7 +138,7 @@ def test_torchrun_evaluate_writes_the_single_process_result(tmp_path, precomp):
     from mmca.features import TextEncoder
 
     root, cache = precomp
-    spec = FeatureSpec(precomp_image_spec(root / "dev_ims.npy", (8, 4, 8), "float32"), text_spec(TextEncoder()))
+    spec = FeatureSpec(precomp_image_spec(root / "dev_ims.npy", (8, 4, 8), "float32"), text_spec(TextEncoder("minilm")))
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "run" / "best.pt",
                            MMCA(ModelConfig(img_dim=8, txt_dim=384, d=32, heads=4, cnn_filters=8)), spec)

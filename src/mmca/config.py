@@ -13,8 +13,8 @@ from mmca.errors import ConfigError
 class ModelConfig:
     """Shapes and hyper-parameters of MMCA (docs/model.md; paper defaults)."""
 
-    img_dim: int = 1280  # D_img: MobileNetV2 grid cells; 2048 for bottom-up features
-    txt_dim: int = 384  # D_txt: all-MiniLM-L6-v2; 768 for BERT-base
+    img_dim: int = 1280  # D_img: EfficientNet-Lite2 or MobileNetV2 grid cells; 2048 for bottom-up features
+    txt_dim: int = 768  # D_txt: all-mpnet-base-v2 and BERT-base; 384 for all-MiniLM-L6-v2
     d: int = 256  # hidden size
     heads: int = 16
     ffn_dim: int | None = None  # None = d, as Eq. 4 defines W1, W2 in R^{d x d}
@@ -157,10 +157,11 @@ PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(epochs=20, lr=2e-4, lr_decay_epochs=(10,), grad_clip=None, mining_precision="fp32"),
     "cpu": TrainConfig(epochs=8, lr=2e-4, lr_decay_epochs=(4,), warmup_epochs=1, cross_from_epoch=4,
                        cross_lr_scale=10.0, mirror_images=True),
-    # `cpu` cut to 5 epochs: its full model's best epoch was the first with the cross module in
-    # 2 of 3 seeds; the cut costs -0.6 ± 1.1 dev rsum (docs/results.md, "Cutting the recipe").
+    # `cpu` cut to 5 epochs (its full model's best epoch was the first with the cross module in
+    # 2 of 3 seeds) and without mirrored views (a second extraction of the train photos, 3.5 of
+    # the main job's minutes); what each cut costs: docs/results.md, "Cutting the recipe".
     "sample": TrainConfig(epochs=5, lr=2e-4, lr_decay_epochs=(4,), warmup_epochs=1, cross_from_epoch=4,
-                          cross_lr_scale=10.0, mirror_images=True),
+                          cross_lr_scale=10.0, mirror_images=False),
 }
 
 

@@ -28,13 +28,13 @@ bf16_units = pytest.mark.skipif(not NATIVE, reason=f"bf16 is emulated on this CP
 @pytest.fixture(scope="module")
 def real_batch():
     torch.manual_seed(0)
-    model = MMCA(ModelConfig(dropout=0.0)).eval()  # d 256, 16 heads, 1280 / 384, α 0.2
+    model = MMCA(ModelConfig(txt_dim=384, dropout=0.0)).eval()  # d 256, 16 heads, 1280 / 384 (MiniLM), α 0.2
     g = torch.Generator().manual_seed(0)
     regions = torch.randn(BATCH, REGIONS, 1280, generator=g)
     lengths = torch.randint(4, MAX_LEN + 1, (BATCH,), generator=g)
     lengths[0] = MAX_LEN
     mask = torch.arange(MAX_LEN)[None] < lengths[:, None]
-    tokens = torch.randn(BATCH, MAX_LEN, 384, generator=g).masked_fill(~mask[..., None], 0.0)
+    tokens = torch.randn(BATCH, MAX_LEN, model.config.txt_dim, generator=g).masked_fill(~mask[..., None], 0.0)
     regions[1] = regions[0]  # pairs 0 and 1 share one photo
     tokens[5], mask[5] = tokens[4], mask[4]  # captions 4 and 5 are one sentence
     same = torch.zeros(BATCH, BATCH, dtype=torch.bool)

@@ -313,12 +313,12 @@ def test_mined_loss_keeps_training_mode():
 
 def test_real_shapes_on_a_handful_of_pairs():
     torch.manual_seed(0)
-    config = ModelConfig(dropout=0.0)  # d 256, 16 heads, 1280 / 384
+    config = ModelConfig(txt_dim=384, dropout=0.0)  # d 256, 16 heads, 1280 / 384 (MiniLM)
     model = MMCA(config).eval()
     g = torch.Generator().manual_seed(0)
     regions = torch.randn(3, 36, 1280, generator=g)
     lengths = torch.tensor([16, 9, 23])
-    tokens = torch.randn(3, 23, 384, generator=g)
+    tokens = torch.randn(3, 23, config.txt_dim, generator=g)
     mask = torch.arange(23)[None] < lengths[:, None]
     for precision, tol in (("fp32", 2e-5), ("bf16", 2e-2)):
         engine = ScoringEngine(model, precision=precision)

@@ -42,12 +42,12 @@ def flickr_captions(flickr8k: Path) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="session")
 def backbone() -> ImageBackbone:
-    return ImageBackbone(grid=6)
+    return ImageBackbone(grid=6, name="mobilenet_v2")  # the fast extractors: these tests are about behaviour
 
 
 @pytest.fixture(scope="session")
 def encoder() -> TextEncoder:
-    return TextEncoder()
+    return TextEncoder("minilm")
 
 
 MakeDataset = Callable[..., Path]

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,11 @@ def _built(prepared: PreparedSplit) -> list[str]:
     return [e.kind for e in prepared.entries if not e.reused]
 
 
-def _prepare(root: Path, cache_dir: Path, features: FeatureOptions = FeatureOptions(), **kw: object) -> PreparedSplit:
+# The fast extractors: these tests are about the cache, not about the features' quality.
+FAST = FeatureOptions(backbone="mobilenet_v2", text_encoder="minilm")
+
+
+def _prepare(root: Path, cache_dir: Path, features: FeatureOptions = FAST, **kw: object) -> PreparedSplit:
     return prepare_split(root, "dev", features, cache_dir=cache_dir, progress=False, **kw)
 
 
@@ -72,10 +77,10 @@ def test_manifest_records_what_the_features_depend_on(make_dataset, tmp_path: Pa
 def test_changed_setting_or_input_rebuilds_only_its_side(make_dataset, tmp_path: Path) -> None:
     root, store = make_dataset(), tmp_path / "cache"
     _prepare(root, store)
-    assert _built(_prepare(root, store, FeatureOptions(grid=7))) == ["images"]
-    assert _prepare(root, store, FeatureOptions(grid=7)).dataset.image_features.shape[1] == 49
-    assert _built(_prepare(root, store, FeatureOptions(grid=6))) == []  # both grids stay cached side by side
-    assert _built(_prepare(root, store, FeatureOptions(max_tokens=12))) == ["text"]
+    assert _built(_prepare(root, store, replace(FAST, grid=7))) == ["images"]
+    assert _prepare(root, store, replace(FAST, grid=7)).dataset.image_features.shape[1] == 49
+    assert _built(_prepare(root, store, replace(FAST, grid=6))) == []  # both grids stay cached side by side
+    assert _built(_prepare(root, store, replace(FAST, max_tokens=12))) == ["text"]
 
     tsv = root / "captions.tsv"
     lines = tsv.read_text().splitlines()
@@ -160,7 +165,7 @@ def test_digests_are_kept_for_settled_files_only(tmp_path: Path, monkeypatch: py
 def test_each_backbone_and_input_size_has_its_own_entry_and_spec(make_dataset, tmp_path: Path) -> None:
     root, store = make_dataset(4), tmp_path / "cache"
     _prepare(root, store)
-    lite = _prepare(root, store, FeatureOptions(backbone="efficientnet_lite2"))
+    lite = _prepare(root, store, replace(FAST, backbone="efficientnet_lite2"))
     assert _built(lite) == ["images"]  # the captions' entry is shared
     spec = lite.dataset.spec.image
     assert (spec.source, spec.image_size, spec.grid, spec.dim) == ("efficientnet_lite2", 352, 6, 1280)
@@ -169,11 +174,11 @@ def test_each_backbone_and_input_size_has_its_own_entry_and_spec(make_dataset, t
     np.testing.assert_allclose(lite.dataset.image_features[:2],
                                ImageBackbone(6, "efficientnet_lite2").extract_grid(photos).numpy(),
                                atol=1e-2, rtol=1e-2)
-    small = _prepare(root, store, FeatureOptions(backbone="efficientnet_lite2", image_size=260))
+    small = _prepare(root, store, replace(FAST, backbone="efficientnet_lite2", image_size=260))
     assert _built(small) == ["images"] and small.dataset.spec.image.image_size == 260
     assert lite.dataset.spec.differences(small.dataset.spec) == ["image image_size: 352 vs 260"]
     for kw in ({}, {"backbone": "efficientnet_lite2"}, {"backbone": "efficientnet_lite2", "image_size": 260}):
-        assert _built(_prepare(root, store, FeatureOptions(**kw))) == []  # all three stay cached side by side
+        assert _built(_prepare(root, store, replace(FAST, **kw))) == []  # all three stay cached side by side
 
 
 @pytest.mark.parametrize("damage", ["no manifest", "bad manifest", "short array"])

@@ -15,7 +15,7 @@ from mmca.features.precision import resolve_extract_precision
 
 def test_the_defaults_are_those_of_the_extractors():
     options = FeatureOptions()
-    assert (options.backbone, options.image_size, options.grid, options.max_tokens) == ("mobilenet_v2", None, 6, 64)
+    assert (options.backbone, options.image_size, options.grid, options.max_tokens) == ("efficientnet_lite2", None, 6, 64)
     assert (options.precision.image, options.precision.text) == ("fp32", "fp32")
     assert FeatureRequest().options() == options  # nothing asked: the defaults
     # the extractors' own defaults are the same constants
@@ -44,5 +44,5 @@ def test_flags_become_the_same_request():
 def test_the_options_name_their_extractors():
     options = FeatureOptions(grid=7, max_tokens=16)
     backbone, encoder = options.image_backbone(), options.encoder()
-    assert (backbone.name, backbone.grid, backbone.regions, backbone.precision) == ("mobilenet_v2", 7, 49, "fp32")
+    assert (backbone.name, backbone.grid, backbone.regions, backbone.precision) == ("efficientnet_lite2", 7, 49, "fp32")
     assert (encoder.max_tokens, encoder.precision) == (16, "fp32")

@@ -46,7 +46,7 @@ def test_extract_precision_reaches_the_features(make_dataset, tmp_path: Path,
     assert main(["prepare", str(root), "--splits", "dev", "--cache", str(tmp_path / "c"), "--extract-precision",
                  "int8", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "(384) in int8" in out and "extraction precision: int8: as asked" in out
+    assert "(768) in int8" in out and "extraction precision: int8: as asked" in out
 
 @pytest.mark.parametrize(
     "args, message",

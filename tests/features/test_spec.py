@@ -23,8 +23,12 @@ def spec6(backbone, encoder) -> FeatureSpec:
 
 
 @pytest.fixture(scope="module")
-def spec7(encoder) -> FeatureSpec:
-    return FeatureSpec.from_extractors(ImageBackbone(7), encoder)
+def spec7(backbone, encoder) -> FeatureSpec:
+    return FeatureSpec.from_extractors(ImageBackbone(7, backbone.name), encoder)
+
+
+# The fast extractors, as the `spec6` / `spec7` fixtures name them.
+FAST = FeatureOptions(backbone="mobilenet_v2", text_encoder="minilm")
 
 
 def small_model(txt_dim: int = 384) -> MMCA:
@@ -71,7 +75,7 @@ def test_a_grid7_checkpoint_is_evaluated_on_grid7_features(make_dataset, spec7, 
     assert cli("evaluate", root, "--checkpoint", ckpt, "--cache", tmp_path / "cache", "--out", out) == 0
     result = json.loads(out.read_text())
     assert result["feature_spec"]["image"]["grid"] == 7 and result["precision"] == "fp32"
-    ds = open_dataset(root, "dev", FeatureOptions(grid=7), cache_dir=tmp_path / "cache", progress=False)
+    ds = open_dataset(root, "dev", replace(FAST, grid=7), cache_dir=tmp_path / "cache", progress=False)
     assert ds.image_features.shape[1] == 49 and ds.spec.differences(spec7) == []
     # a contradicting flag is refused, not obeyed
     assert cli("evaluate", root, "--checkpoint", ckpt, "--cache", tmp_path / "cache", "--grid", "6") == 2
@@ -108,8 +112,8 @@ def test_train_records_the_spec_and_init_from_checks_it(make_dataset, spec6, spe
 
     root = make_dataset(8)
     common = dict(cache_dir=tmp_path / "cache", progress=False)
-    ds7 = open_dataset(root, "dev", FeatureOptions(grid=7), **common)
-    ds6 = open_dataset(root, "dev", FeatureOptions(grid=6), **common)
+    ds7 = open_dataset(root, "dev", replace(FAST, grid=7), **common)
+    ds6 = open_dataset(root, "dev", replace(FAST, grid=6), **common)
     config = TrainConfig(model=ModelConfig(d=16, heads=2, cnn_filters=4), epochs=1, batch_size=8)
     with pytest.raises(CheckpointError, match="grid: 7 vs 6"):  # train and dev must agree
         Trainer(config, ds7, ds6, tmp_path / "mixed", progress=False, log=lambda _: None)
@@ -122,7 +126,7 @@ def test_train_records_the_spec_and_init_from_checks_it(make_dataset, spec6, spe
         Trainer(config, ds6, ds6, tmp_path / "init", init_from=tmp_path / "g7" / "best.pt",
                 progress=False, log=lambda _: None)
     # a model of one backbone refuses another backbone's cache, though every shape agrees
-    lite7 = open_dataset(root, "dev", FeatureOptions(grid=7, backbone="efficientnet_lite2"), **common)
+    lite7 = open_dataset(root, "dev", replace(FAST, grid=7, backbone="efficientnet_lite2"), **common)
     assert lite7.image_features.shape == ds7.image_features.shape
     with pytest.raises(CheckpointError, match="image source: 'mobilenet_v2' vs 'efficientnet_lite2'"):
         Trainer(config, lite7, lite7, tmp_path / "init2", init_from=tmp_path / "g7" / "best.pt",
@@ -147,7 +151,7 @@ def test_a_text_encoder_of_another_width_is_refused(spec6, tmp_path):
     other = replace(spec6, text=replace(spec6.text, model_type="bert", dim=768, config_sha256="x" * 64))
     with pytest.raises(CheckpointError, match="text dim: 384 vs 768"):
         spec6.require_match(other, "the checkpoint", "the dataset")
-    assert TextEncoder().dim == 384
+    assert TextEncoder("minilm").dim == 384
 
 
 def test_contradictions_are_refused_before_any_feature_is_computed(make_dataset, spec6, tmp_path, capsys,
@@ -181,4 +185,5 @@ def test_a_recorded_encoder_name_is_used_only_when_registered(spec6):
     copied = replace(spec6, text=replace(spec6.text, model_dir=None, name="minilm"))
     assert extraction_options(copied).text_encoder == "minilm"
     edited = replace(spec6, text=replace(spec6.text, model_dir=None, name="../../etc"))
-    assert extraction_options(edited).text_encoder is None  # the default, checked against the spec
+    with pytest.raises(CheckpointError, match=r"the default \(mpnet, all-mpnet-base-v2\)"):
+        extraction_options(edited)  # not a path: the default encoder, checked against the spec (MiniLM's)

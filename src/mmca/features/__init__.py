@@ -1,4 +1,4 @@
-"""Frozen features (docs/data.md): the MobileNetV2 grid backbone, the BERT-family text encoder, and
+"""Frozen features (docs/data.md): the ImageNet CNN grid backbones, the BERT-family text encoder, and
 the on-disk cache that computes both once per dataset split, and the typed options that name
 them (`FeatureOptions`, resolved from a `FeatureRequest` against a model's feature spec)."""
 

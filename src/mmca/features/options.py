@@ -12,7 +12,7 @@ from mmca.data.spec import ARRAYS, PRECOMP, FeatureSpec, image_spec, text_spec
 from mmca.errors import CheckpointError
 from mmca.features.backbone import BACKBONES, DEFAULT_BACKBONE, DEFAULT_GRID, ImageBackbone
 from mmca.features.precision import ExtractPrecision, resolve_extract_precision
-from mmca.features.text_encoder import DEFAULT_MAX_TOKENS, TEXT_ENCODERS, TextEncoder
+from mmca.features.text_encoder import DEFAULT_MAX_TOKENS, DEFAULT_TEXT_ENCODER, TEXT_ENCODERS, TextEncoder
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,8 @@ def _precheck(spec: FeatureSpec, options: FeatureOptions) -> None:
     computed (reading a model's config and hashing the backbone weights take milliseconds)."""
     if spec.text.model_type != ARRAYS:
         found = FeatureSpec(spec.image, text_spec(options.encoder()))
-        where = options.text_encoder or "the default (minilm, all-MiniLM-L6-v2)"
+        where = options.text_encoder or (f"the default ({DEFAULT_TEXT_ENCODER}, "
+                                         f"{TEXT_ENCODERS[DEFAULT_TEXT_ENCODER].model})")
         spec.require_match(found, "the model", f"the text encoder {where}",
                            f"pass --text-encoder (Python: text_encoder=) with the encoder the model was trained with"
                            f" ({spec.text.name or spec.text.model_dir or spec.text.model_type})")
