@@ -15,7 +15,8 @@ from mmca.features.precision import resolve_extract_precision
 
 def test_the_defaults_are_those_of_the_extractors():
     options = FeatureOptions()
-    assert (options.backbone, options.image_size, options.grid, options.max_tokens) == ("efficientnet_lite2", None, 6, 64)
+    assert (options.backbone, options.image_size, options.grid, options.max_tokens) == \
+        ("efficientnet_lite2", None, 6, 64)
     assert (options.precision.image, options.precision.text) == ("fp32", "fp32")
     assert FeatureRequest().options() == options  # nothing asked: the defaults
     # the extractors' own defaults are the same constants
