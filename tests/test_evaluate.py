@@ -172,7 +172,8 @@ def checkpoint(tmp_path):
     from mmca.features import TextEncoder
 
     torch.manual_seed(0)
-    spec = FeatureSpec(precomp_image_spec(tmp_path / "dev_ims.npy", (6, 4, 8), "float32"), text_spec(TextEncoder("minilm")))
+    spec = FeatureSpec(precomp_image_spec(tmp_path / "dev_ims.npy", (6, 4, 8), "float32"),
+                       text_spec(TextEncoder("minilm")))
     return save_checkpoint(tmp_path / "run" / "best.pt",
                            MMCA(ModelConfig(img_dim=8, txt_dim=384, d=32, heads=4, cnn_filters=8)), spec)
 
