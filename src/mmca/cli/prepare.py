@@ -22,7 +22,7 @@ evaluation and search:
   images  an ImageNet CNN (frozen; --backbone: efficientnet_lite2, the default, or
           mobilenet_v2, ~2.5x faster) on the photo squashed to 352x352 (--image-size); its last
           11x11x1280 map is average-pooled to a GRID x GRID grid of regions (6 -> 36, 7 -> 49).
-          `mmca train` with mirrored views (the cpu presets) also prepares the train
+          `mmca train` with mirrored views (the `cpu` preset) also prepares the train
           split's photos flipped left to right.
           Precomp datasets ship their region features; these are used as they are.
   text    per-token states of a frozen BERT-family encoder ([CLS] and [SEP] kept,

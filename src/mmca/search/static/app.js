@@ -102,7 +102,8 @@ function selectWord(index) {
     w = heat.weights[index];
     label = `"${heat.tokens[index]}"`;
   } else {
-    const rows = heat.weights.filter((_, i) => !/^\[(CLS|SEP)\]$/.test(heat.tokens[i]));
+    // the encoder's start and end tokens ([CLS]/[SEP], <s>/</s>) are always first and last
+    const rows = heat.weights.filter((_, i) => i > 0 && i < heat.weights.length - 1);
     const use = rows.length ? rows : heat.weights;
     w = use[0].map((_, j) => use.reduce((a, r) => a + r[j], 0) / use.length);
     label = "all words";
