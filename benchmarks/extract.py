@@ -1,6 +1,6 @@
 """What each extraction precision buys (docs/benchmarks.md, "Extraction precision").
 
-For EfficientNet-Lite2 and MPNet (the strong recipe) and the defaults MobileNetV2 and MiniLM:
+For the defaults EfficientNet-Lite2 and MPNet, and the faster MobileNetV2 and MiniLM:
 images/s and captions/s in each precision on 1 and 2 threads, with the ratio to fp32 in the same
 run, and the features' drift from fp32 (cosine of each region and of each token state, mean and
 min) over real Flickr8k dev photos and captions. bf16 is timed only where the CPU has bf16 units

@@ -1,7 +1,7 @@
 """The prepared accelerator run (`benchmarks/gpu.sh`): every GPU figure in one go, one table.
 
-GPU time is scarce, so this is ready to run the moment a GPU machine is up
-and finish inside --budget seconds (default 570: under the 10 minutes one command may run):
+One command on a GPU machine measures everything below and finishes inside --budget seconds
+(default 570):
 
   1. `mmca bench --only ab`: exhaustive scoring pairs/s, engine fp32 and bf16 vs the plain path,
      and one mined training step vs back-propagating all B² pairs;
@@ -12,7 +12,7 @@ and finish inside --budget seconds (default 570: under the 10 minutes one comman
 
 Each step runs in its own process with a timeout taken from what is left of the budget; a step
 that fails or runs out of time is reported as such and the others still run. --cpu-smoke runs the
-same steps at toy size on the CPU (in the test suite), so the script cannot rot before a GPU is lent.
+same steps at toy size on the CPU (in the test suite), so the script is tested where no GPU is present.
 """
 
 from __future__ import annotations

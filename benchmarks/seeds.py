@@ -4,7 +4,7 @@ interrupted ones resume), then mean ± sample standard deviation of dev rsum and
 model, and of the paired difference (same seed: same initialisation, data order and views).
 
     python benchmarks/seeds.py ../shared/data/flickr8k --preset cpu --seeds 0 1 2 --out runs/seeds
-    python benchmarks/seeds.py ../shared/data/flickr8k --preset sample --out runs/g7 -- --grid 7   # to every run
+    python benchmarks/seeds.py ../shared/data/flickr8k --preset sample --out runs/g7 -- --grid 7 --mirror-images on
     python benchmarks/seeds.py --report runs/seeds/seed0 runs/seeds/seed1 ...   # table only
     python benchmarks/seeds.py --report ... --until-epoch 6   # as if stopped after epoch 6
 """
@@ -25,7 +25,8 @@ MODELS = {"α = 0 ablation": "alpha0", "MMCA": "mmca"}
 def best_metrics(run: Path, until: int | None = None) -> dict[str, dict[str, float]]:
     """Each model's best epoch (best.pt), or, with `until`, the best epoch among the first
     `until` of its log whose model best.pt could hold (the full model's: α > 0), i.e. the run
-    as if stopped there (the cpu schedule stopped at epoch 6 is the `sample` preset)."""
+    as if stopped there (the cpu schedule stopped at epoch 5 is the `sample` preset's, with
+    mirrored views)."""
     from mmca.checkpoint import read_checkpoint
 
     out = {}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the embedded Flickr8k sample: set up, then prepare, train and evaluate.
+# The main job on the Flickr8k sample (../shared/data/flickr8k, or MMCA_SAMPLE=DIR): set up, then prepare, train and evaluate.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/bootstrap.sh"

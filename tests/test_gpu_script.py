@@ -1,5 +1,5 @@
-"""benchmarks/gpu.sh, the run prepared for a lent GPU, at toy size on the CPU (--cpu-smoke): every
-step it would run on the GPU runs here too, so the script cannot rot before a GPU is lent."""
+"""benchmarks/gpu.sh, the run prepared for a GPU machine, at toy size on the CPU (--cpu-smoke):
+every step it would run on the GPU runs here too, so the script is tested without a GPU."""
 
 from __future__ import annotations
 

@@ -56,7 +56,8 @@ def add_feature_arguments(p: argparse.ArgumentParser, adopts: bool = False) -> N
                         "384-d, ~7x faster) or a local BERT-family model directory "
                         f"(transformers or sentence-transformers layout) (default: {default or DEFAULT_TEXT_ENCODER})")
     p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N",
-                   help=f"token limit per caption, [CLS] and [SEP] included (default: {default or own.max_tokens})")
+                   help=f"token limit per caption, the start and end tokens included "
+                        f"(default: {default or own.max_tokens})")
     p.add_argument("--extract-precision", choices=CHOICES, default=None,
                    help="what the frozen extractors compute in: bf16 (autocast), int8 (the text encoder's Linear "
                         "layers quantised; images stay fp32), or auto (bf16 where the CPU has bf16 units, int8 "

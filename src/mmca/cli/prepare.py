@@ -25,7 +25,7 @@ evaluation and search:
           `mmca train` with mirrored views (the `cpu` preset) also prepares the train
           split's photos flipped left to right.
           Precomp datasets ship their region features; these are used as they are.
-  text    per-token states of a frozen BERT-family encoder ([CLS] and [SEP] kept,
+  text    per-token states of a frozen BERT-family encoder (start and end tokens kept,
           at most --max-tokens tokens; --text-encoder: mpnet (all-mpnet-base-v2, the
           default), minilm (all-MiniLM-L6-v2, ~7x faster) or a model directory).
 

@@ -1,5 +1,5 @@
 """The frozen text encoder: per-token last hidden states of a local BERT-family checkpoint
-(docs/model.md: `[CLS]` and `[SEP]` kept, padding never stored).
+(docs/model.md: the start and end tokens kept, padding never stored).
 
 Encoders are given by directory (transformers' or sentence-transformers' layout) or by a
 registered name: `mpnet` (all-mpnet-base-v2, the default: a zip split over five wheels,
@@ -93,7 +93,7 @@ TEXT_ENCODERS = {
     )
 }
 DEFAULT_TEXT_ENCODER = "mpnet"  # +18 dev rsum over minilm (docs/results.md)
-DEFAULT_MAX_TOKENS = 64  # [CLS] and [SEP] included
+DEFAULT_MAX_TOKENS = 64  # the start and end tokens included
 
 
 def _missing(entry: EncoderEntry) -> DataError:
@@ -365,7 +365,7 @@ class TextEncoder:
         return TokenFeatures(states=out, offsets=offsets)
 
     def encode(self, captions: Sequence[str], progress: bool = False) -> TokenFeatures:
-        """Per-token last hidden states of raw captions: [CLS] ... [SEP], no padding stored."""
+        """Per-token last hidden states of raw captions, start to end token, no padding stored."""
         return self.encode_ids(self.tokenize(captions)[0], progress=progress)
 
 
