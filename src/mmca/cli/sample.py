@@ -65,9 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dist_arguments(p)
 
 
+# The flags that override the preset's TrainConfig fields of the same name.
+PRESET_OVERRIDES = ("seed", "epochs", "mining_precision", "mirror_images")
 # The flags that change what `mmca sample` trains, as the exported model card repeats them.
-RECIPE_FLAGS = ("preset", "seed", "epochs", "mining_precision", "mirror_images", "backbone", "image_size", "grid",
-                "text_encoder", "max_tokens", "extract_precision")
+RECIPE_FLAGS = ("preset", *PRESET_OVERRIDES, "backbone", "image_size", "grid", "text_encoder", "max_tokens",
+                "extract_precision")
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -90,15 +92,8 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     progress = not args.no_progress
-    config = preset(args.preset)
-    if args.seed is not None:
-        config = config.replace(seed=args.seed)
-    if args.epochs is not None:
-        config = config.replace(epochs=args.epochs)
-    if args.mining_precision is not None:
-        config = config.replace(mining_precision=args.mining_precision)
-    if args.mirror_images is not None:
-        config = config.replace(mirror_images=args.mirror_images)
+    config = preset(args.preset).replace(**{name: getattr(args, name) for name in PRESET_OVERRIDES
+                                            if getattr(args, name) is not None})
     features = feature_options(args)
     usable_device(args.device)  # a clear error before any feature is computed
     shard = init_from_env(args.device, args.dist_backend, args.dist_timeout)  # one shard without torchrun
